@@ -1,0 +1,33 @@
+# The two commands a newcomer runs: `make demo` (the main job) and `make test`.
+# Each creates .venv on first use, installing the pinned CPU torch first so that
+# pip never resolves torch to a multi-GB CUDA build.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PIN ?= torch==2.13.0
+
+export MLFLOW_DISABLE_TELEMETRY := 1
+export DO_NOT_TRACK := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test lint clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH_PIN)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/scf nightly --config configs/demo.yaml
+
+lint: install
+	$(PY) -m ruff check .
+
+test: install lint
+	HF_HUB_OFFLINE=1 $(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) .scf .pytest_cache
