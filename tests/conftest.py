@@ -1,0 +1,29 @@
+"""Session-wide test settings: offline, no telemetry, a repo-local cache for built artifacts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Tests never reach a hub or a telemetry endpoint; built artifacts (the toy zoo) are cached
+# under .cache/ so a second local run reuses them, while a fresh CI clone builds them once.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("SCF_CACHE", str(REPO / ".cache" / "scf-pipeline"))
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo() -> Path:
+    """The `tiny` toy zoo (base + specialists), built once and cached by its build settings."""
+    from evals.zoo import build_zoo, default_zoo_dir
+
+    return build_zoo(default_zoo_dir("tiny", seed=0), size="tiny", seed=0, progress=False)
