@@ -1,0 +1,1 @@
+"""Merge methods: pure tensor functions plus the one hand-written registry (`registry.METHODS`)."""

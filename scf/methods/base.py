@@ -1,0 +1,102 @@
+"""What every merge method receives and the pieces of parameter checking they share.
+
+A method is a pure function ``fn(inputs: TensorInputs, params: MethodParams) -> Tensor``. It gets one
+tensor name's worth of float32 tensors on the compute device and returns the fused tensor
+(float32, base's shape and device). It never opens files, never touches the global RNG and never
+modifies its inputs (the engine compares the result against them afterwards).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+
+@dataclass
+class TensorInputs:
+    """The tensors of one name, as the engine hands them to a method.
+
+    Attributes:
+        name: tensor name (used in error messages and to seed per-tensor RNGs).
+        base: the base model's tensor, float32, on the compute device.
+        secondaries: one tensor per secondary model, float32, same shape and device as ``base``.
+        reference: the common ancestor's tensor (task-vector methods), float32, or None.
+        generator: a ``torch.Generator`` on the compute device seeded from (seed, name) by the
+            engine, for methods that sample (DARE); None when the method needs none.
+    """
+
+    name: str
+    base: torch.Tensor
+    secondaries: list[torch.Tensor]
+    reference: torch.Tensor | None = None
+    generator: torch.Generator | None = None
+
+    @property
+    def models(self) -> list[torch.Tensor]:
+        """The contributing models in per-model-parameter order: ``[base, *secondaries]``."""
+        return [self.base, *self.secondaries]
+
+
+class MethodParams(BaseModel):
+    """Base of every method's parameter model: unknown keys are errors, instances are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+PerModel = float | list[float]
+"""A per-model parameter: one value for every model, or a list with one value per model."""
+
+
+def per_model_values(value: PerModel, n_models: int) -> list[float]:
+    """Expand a per-model parameter to one value per contributing model.
+
+    Args:
+        value: a scalar (shared by all models) or a list already of length ``n_models``.
+        n_models: number of contributing models, ``1 + len(secondaries)``.
+
+    Returns:
+        A list of ``n_models`` floats.
+    """
+    if isinstance(value, Sequence):
+        return [float(v) for v in value]
+    return [float(value)] * n_models
+
+
+def check_each(value: PerModel, low: float, high: float, *, low_open: bool = False) -> PerModel:
+    """Raise ValueError unless every value of a per-model parameter lies in the given interval.
+
+    Args:
+        value: a scalar or a list of floats.
+        low: lower bound (inclusive unless ``low_open``).
+        high: upper bound (inclusive).
+        low_open: exclude ``low`` itself.
+
+    Returns:
+        ``value`` unchanged, so it can end a pydantic field validator.
+    """
+    values = value if isinstance(value, list) else [value]
+    if isinstance(value, list) and not value:
+        raise ValueError("must not be an empty list")
+    for v in values:
+        too_low = v <= low if low_open else v < low
+        if too_low or v > high:
+            bracket = "(" if low_open else "["
+            raise ValueError(f"must be in {bracket}{low}, {high}], got {v}")
+    return value
+
+
+def weight_tensor(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    """Per-model scalars as a tensor shaped to broadcast against a stack of ``like``-shaped tensors.
+
+    Args:
+        values: one float per stacked model.
+        like: a tensor of the stacked models' shape (gives dtype, device and rank).
+
+    Returns:
+        A tensor of shape ``(n, 1, ..., 1)`` with ``like.dim()`` trailing ones.
+    """
+    weights = torch.tensor(values, dtype=like.dtype, device=like.device)
+    return weights.view(-1, *([1] * like.dim()))

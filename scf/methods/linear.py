@@ -1,0 +1,57 @@
+"""Linear merge: a weighted average of the models' tensors (mergekit `linear`)."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import field_validator, model_validator
+
+from scf.methods.base import MethodParams, PerModel, TensorInputs, per_model_values
+
+LINEAR_URL = "https://arxiv.org/abs/2203.05482"
+
+
+class LinearParams(MethodParams):
+    """Parameters of `linear`.
+
+    Attributes:
+        weight: per-model weight (scalar or one per model ``[base, *secondaries]``). mergekit
+            requires it; here it defaults to 1.0 (a plain mean).
+        normalize: divide by the sum of the weights (mergekit default True).
+    """
+
+    weight: PerModel = 1.0
+    normalize: bool = True
+
+    @field_validator("weight")
+    @classmethod
+    def _non_empty(cls, value: PerModel) -> PerModel:
+        if isinstance(value, list) and not value:
+            raise ValueError("must not be an empty list")
+        return value
+
+    @model_validator(mode="after")
+    def _nonzero_sum(self) -> LinearParams:
+        weights = self.weight if isinstance(self.weight, list) else [self.weight]
+        if self.normalize and sum(weights) == 0:
+            raise ValueError("weight: the weights sum to 0, so normalize=true would divide by zero")
+        return self
+
+
+def linear(inputs: TensorInputs, params: LinearParams) -> torch.Tensor:
+    """Weighted sum of ``[base, *secondaries]``, divided by the weight sum when ``normalize``.
+
+    Args:
+        inputs: the tensors of one name (reference unused).
+        params: validated `linear` parameters.
+
+    Returns:
+        The fused float32 tensor, base's shape.
+    """
+    models = inputs.models
+    weights = per_model_values(params.weight, len(models))
+    fused = torch.zeros_like(inputs.base)
+    for w, tensor in zip(weights, models, strict=True):
+        fused.add_(tensor, alpha=w)
+    if params.normalize:
+        fused.div_(sum(weights))
+    return fused
