@@ -1,0 +1,157 @@
+"""The results database: idempotent writes, two writing processes, a foreign lock retried, leaderboard."""
+
+from __future__ import annotations
+
+import multiprocessing
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from tasks import results_db as db
+from tasks.errors import PipelineError
+from tasks.gate import GateDecision
+
+
+def _model(model_id: str, kind: str = "merge") -> db.ModelRecord:
+    source = db.Source(role="base", ref="zoo:base", revision=None, fingerprint="f" * 64)
+    return db.ModelRecord(
+        id=model_id,
+        kind=kind,
+        label=f"label-{model_id}",
+        method="linear",
+        params={"weight": 0.5},
+        sources=[source],
+        path=f"/tmp/{model_id}",
+    )
+
+
+def _scores(math: float, strings: float = 0.5) -> list[db.ScoreRow]:
+    common = dict(
+        stderr=0.01,
+        n=8,
+        n_total=100,
+        higher_is_better=True,
+        task_version="1",
+        backend="transformers",
+        gen_params_json="{}",
+    )
+    return [
+        db.ScoreRow(benchmark="math", metric="exact_match", value=math, **common),
+        db.ScoreRow(benchmark="strings", metric="exact_match", value=strings, **common),
+    ]
+
+
+def _stats(repetition: float = 0.0, refusal: float | None = 0.9) -> db.GenerationStats:
+    return db.GenerationStats(
+        repetition_rate=repetition,
+        mean_seq_rep_4=0.1,
+        truncation_rate=0.0,
+        n_generations=16,
+        refusal_rate=refusal,
+        over_refusal_rate=0.1 if refusal is not None else None,
+        eval_seconds=1.5,
+    )
+
+
+def _write_many(db_path: str, prefix: str, n: int) -> None:
+    for i in range(n):
+        db.write_model_results(
+            Path(db_path), "cfg", _model(f"{prefix}{i}"), _scores(i / n), _stats(), run_id=prefix
+        )
+
+
+def test_rerun_replaces_rows_never_duplicates(tmp_path: Path) -> None:
+    path = tmp_path / "results.duckdb"
+    db.write_model_results(path, "cfg", _model("c1"), _scores(0.3), _stats(), run_id="r1")
+    db.write_model_results(path, "cfg", _model("c1"), _scores(0.7), _stats(), run_id="r2")
+    assert db.row_counts(path) == {
+        "candidates": 1,
+        "scores": 2,
+        "generation_stats": 1,
+        "gate_decisions": 0,
+        "champions": 0,
+    }
+    with duckdb.connect(str(path), read_only=True) as con:
+        value, run = con.execute("SELECT value, run_id FROM scores WHERE benchmark = 'math'").fetchone()
+    assert (value, run) == (0.7, "r2")
+
+
+def test_decisions_replace_per_candidate_and_move_the_champion(tmp_path: Path) -> None:
+    path = tmp_path / "results.duckdb"
+    first = GateDecision(candidate_id="c1", decision="promoted", reasons=["ok"], objective=0.5)
+    db.write_decisions(path, "cfg", [first], run_id="r1", champion_path="/m/c1")
+    second = [
+        GateDecision(candidate_id="c1", decision="passed", reasons=["beaten"], objective=0.5),
+        GateDecision(candidate_id="c2", decision="promoted", reasons=["ok"], objective=0.6),
+    ]
+    db.write_decisions(path, "cfg", second, run_id="r2", champion_path="/m/c2")
+    assert db.row_counts(path)["gate_decisions"] == 2
+    assert db.champion(path, "cfg")["candidate_id"] == "c2"
+    assert db.champion(path, "other") is None
+
+
+def test_two_processes_writing_at_once_lose_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "results.duckdb"
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=_write_many, args=(str(path), prefix, 15)) for prefix in ("a", "b")]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert [worker.exitcode for worker in workers] == [0, 0]
+    assert db.row_counts(path) == {
+        "candidates": 30,
+        "scores": 60,
+        "generation_stats": 30,
+        "gate_decisions": 0,
+        "champions": 0,
+    }
+
+
+def test_a_foreign_lock_is_retried_not_fatal(tmp_path: Path) -> None:
+    path = tmp_path / "results.duckdb"
+    db.write_model_results(path, "cfg", _model("c0"), _scores(0.1), _stats())
+    # Another tool (not using our lock file) holds the database open for writing for ~1.5 s.
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import duckdb, sys, time; con = duckdb.connect(sys.argv[1]); "
+            "print('held', flush=True); time.sleep(1.5)",
+            str(path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    started = time.monotonic()
+    db.write_model_results(path, "cfg", _model("c1"), _scores(0.2), _stats())
+    assert holder.wait(timeout=30) == 0
+    assert time.monotonic() - started > 0.1  # it had to wait for the holder
+    assert db.row_counts(path)["candidates"] == 2
+
+
+def test_leaderboard_shows_deltas_against_the_parents_mean(tmp_path: Path) -> None:
+    path = tmp_path / "results.duckdb"
+    db.write_model_results(path, "cfg", _model("p1", "parent"), _scores(0.2, 0.4), _stats())
+    db.write_model_results(path, "cfg", _model("p2", "parent"), _scores(0.6, 0.8), _stats())
+    db.write_model_results(path, "cfg", _model("c1"), _scores(0.5, 0.5), _stats(repetition=0.25))
+    db.write_decisions(
+        path, "cfg", [GateDecision(candidate_id="c1", decision="rejected", reasons=["x"])], None, None
+    )
+    board = {entry["id"]: entry for entry in db.leaderboard(path, "cfg")}
+    assert board["c1"]["deltas"]["math.exact_match"] == pytest.approx(0.1)
+    assert board["c1"]["deltas"]["strings.exact_match"] == pytest.approx(-0.1)
+    assert board["c1"]["decision"] == "rejected" and board["c1"]["reasons"] == ["x"]
+    text = db.format_leaderboard(list(board.values()))
+    assert "0.500 (+0.100)" in text and "0.500 (-0.100)" in text and "rejected" in text and "0.250" in text
+    assert db.config_names(path) == ["cfg"]
+
+
+def test_reading_a_missing_database_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(PipelineError, match="nope.duckdb does not exist"):
+        db.leaderboard(tmp_path / "nope.duckdb", "cfg")
