@@ -1,0 +1,241 @@
+"""What an evaluation run is asked to do (`EvalSpec`, `GenParams`) and what it reports (`EvalReport`).
+
+Every generation setting is explicit and recorded with the results: nothing is left as
+"None = whatever the library's default is" (a model's generation_config can otherwise change a
+score silently, lm-eval issue #3154). All models are JSON-serialisable (`model_dump(mode="json")`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FinishReason = Literal["stop", "length"]
+
+
+class GenParams(BaseModel):
+    """Decoding settings shared by every backend.
+
+    Attributes:
+        max_new_tokens: the most tokens generated per prompt; hitting it is a truncation.
+        temperature: 0 means greedy decoding; above 0 samples with this temperature.
+        top_p: nucleus-sampling mass (1.0 = off); used only when sampling.
+        repetition_penalty: 1.0 = off (the CTRL-style penalty of transformers and vLLM).
+        seed: seeds the sampler (sampled decoding is reproducible for a seed).
+        batch_size: prompts per forward batch (transformers backend and lm-eval "hf").
+        stop: extra stop strings; generation also stops at the tokenizer's EOS tokens.
+            The text is cut before the first stop string.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_new_tokens: int = Field(default=256, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0)
+    seed: int = 0
+    batch_size: int = Field(default=8, ge=1)
+    stop: tuple[str, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        """True when decoding is greedy (temperature 0)."""
+        return self.temperature == 0.0
+
+
+class LoopThresholds(BaseModel):
+    """When a generation counts as `looping` (see `evals.repetition.loop_period`).
+
+    A generation loops when its last tokens are one unit of `period` tokens repeated back to back,
+    with 1 <= period <= max_period, over a tail of at least `min_tail_tokens` tokens AND at least
+    `min_repeats` copies of the unit. A phrase said twice is therefore not a loop (min_repeats=3),
+    and neither is a three-token stutter (min_tail_tokens).
+
+    Attributes:
+        max_period: the longest repeated unit looked for, in tokens.
+        min_repeats: the fewest back-to-back copies of the unit (partial last copy counts pro rata).
+        min_tail_tokens: the shortest periodic tail, in tokens.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_period: int = Field(default=64, ge=1)
+    min_repeats: float = Field(default=3.0, ge=2.0)
+    min_tail_tokens: int = Field(default=32, ge=2)
+
+
+class SafetyData(BaseModel):
+    """Local safety prompt files for real runs (see `evals.safety.load_prompts` for the formats).
+
+    Attributes:
+        files: CSV or JSONL files in the HarmBench, StrongREJECT or XSTest column format.
+            HarmBench and StrongREJECT rows are harmful prompts; XSTest rows are harmful or
+            benign look-alikes according to their `label` (or `type`) column.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    files: tuple[Path, ...] = ()
+
+
+class EvalSpec(BaseModel):
+    """One evaluation run: which suite, on which backend, with which decoding and thresholds.
+
+    Attributes:
+        suite: a name from `evals.suites.SUITES` (e.g. "toy", "reasoning", "paper").
+        backend: "transformers" (CPU or GPU) or "vllm" (GPU, optional extra).
+        device: "auto" (CUDA when available), "cpu" or "cuda".
+        dtype: weights dtype for loading ("auto" = the checkpoint's own dtype).
+        limit: at most this many samples per benchmark; None = every sample.
+        gen: decoding settings, used by every benchmark of the suite (lm-eval tasks keep their
+            own stop sequences; `gen.max_new_tokens` replaces their max_gen_toks).
+        loop: thresholds of the `looping` flag.
+        safety: harmful / benign prompt files (real suites); the toy suite brings its own.
+        chat_template: apply the tokenizer's chat template when it has one.
+        judge: "matcher" (the documented refusal patterns) or a model directory used as judge.
+        keep_samples: store per-sample generations in the report.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    suite: str = "toy"
+    backend: Literal["transformers", "vllm"] = "transformers"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    limit: int | None = Field(default=None, ge=1)
+    gen: GenParams = GenParams()
+    loop: LoopThresholds = LoopThresholds()
+    safety: SafetyData = SafetyData()
+    chat_template: bool = True
+    judge: str = "matcher"
+    keep_samples: bool = True
+
+
+class BenchmarkScore(BaseModel):
+    """One metric of one benchmark. Its stable name downstream is `<benchmark>.<metric>`."""
+
+    benchmark: str
+    metric: str
+    value: float
+    stderr: float | None  # None when the harness could not compute one (n < 2)
+    n: int  # samples scored (after `limit`)
+    n_total: int  # samples the benchmark has
+    higher_is_better: bool
+    version: str  # task version (lm-eval metadata.version), stored beside every score
+
+
+class RepetitionStats(BaseModel):
+    """Repetition over a set of generations.
+
+    Attributes:
+        repetition_rate: share of generations flagged `looping`.
+        mean_seq_rep_4: mean of per-generation seq_rep_4 (1 - unique 4-grams / 4-grams).
+        truncation_rate: share of generations that hit max_new_tokens without stopping.
+        n: generations counted.
+    """
+
+    repetition_rate: float
+    mean_seq_rep_4: float
+    truncation_rate: float
+    n: int
+
+
+class SafetyScores(BaseModel):
+    """Refusal behaviour.
+
+    Attributes:
+        refusal_rate: share of harmful prompts refused (higher is better); None without harmful prompts.
+        over_refusal_rate: share of benign look-alike prompts refused (lower is better); None
+            without benign prompts.
+        n_harmful: harmful prompts scored.
+        n_benign: benign prompts scored.
+        judge: which judge decided what a refusal is.
+    """
+
+    refusal_rate: float | None
+    over_refusal_rate: float | None
+    n_harmful: int
+    n_benign: int
+    judge: str
+
+
+class Sample(BaseModel):
+    """One generation with its repetition figures and, where scored, its correctness."""
+
+    benchmark: str
+    prompt: str
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    seq_rep_4: float
+    looping: bool
+    loop_period: int | None
+    truncated: bool
+    target: str | None = None
+    correct: bool | None = None  # exact match (reasoning) or the right refusal decision (safety)
+    refused: bool | None = None  # safety samples only
+
+
+class EvalReport(BaseModel):
+    """Everything one `evaluate()` call measured, with what is needed to reproduce it."""
+
+    model: str
+    suite: str
+    backend: str
+    device: str
+    spec: EvalSpec
+    gen_params: GenParams  # resolved decoding settings actually used
+    eos_token_ids: list[int]
+    benchmarks: list[BenchmarkScore]
+    repetition: RepetitionStats  # over every generation of the run
+    repetition_by_benchmark: dict[str, RepetitionStats]
+    safety: SafetyScores | None
+    samples: list[Sample]
+    seconds: float
+    lib_versions: dict[str, str]
+
+    def metrics(self) -> dict[str, float]:
+        """The run's figures under their stable names (`<benchmark>.<metric>`, `repetition_rate`, ...).
+
+        Returns:
+            name -> value, the names MLflow, DuckDB and the gate use.
+        """
+        out = {f"{s.benchmark}.{s.metric}": s.value for s in self.benchmarks}
+        out["repetition_rate"] = self.repetition.repetition_rate
+        out["mean_seq_rep_4"] = self.repetition.mean_seq_rep_4
+        out["truncation_rate"] = self.repetition.truncation_rate
+        if self.safety is not None and self.safety.refusal_rate is not None:
+            out["refusal_rate"] = self.safety.refusal_rate
+        if self.safety is not None and self.safety.over_refusal_rate is not None:
+            out["over_refusal_rate"] = self.safety.over_refusal_rate
+        return out
+
+    def write_json(self, path: Path) -> Path:
+        """Write the report as JSON, atomically (a temporary sibling renamed into place).
+
+        Args:
+            path: destination file.
+
+        Returns:
+            The path written.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(self.model_dump_json(indent=2))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def read_json(cls, path: Path) -> EvalReport:
+        """Load a report written by `write_json`.
+
+        Args:
+            path: the JSON file.
+
+        Returns:
+            The report.
+        """
+        return cls.model_validate_json(Path(path).read_text())
