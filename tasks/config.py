@@ -1,0 +1,305 @@
+"""The one pipeline config schema: what `scf nightly` / `scf run` and the Prefect flows run.
+
+A config names its sources, the candidates (methods x parameter grid), merge settings, the
+evaluation (an ``evals.spec.EvalSpec``), the gate policy and where results live. It is validated
+completely when it loads, method parameters included, so a typo fails before any model is touched.
+
+Example (``configs/demo.yaml``)::
+
+    name: demo
+    sources: {base: "zoo:base", secondary: ["zoo:math"]}
+    candidates:
+      - {method: scf_rkl, grid: {alpha: [1.0, 1.5]}}
+      - {method: ties, params: {weight: 1.0}, grid: {density: [0.3, 0.5]}}
+    eval: {suite: toy, limit: 8}
+    gate: {benchmarks: {math.exact_match: {tolerance: 0.05}}}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from evals.spec import EvalSpec
+from scf.errors import ScfError
+from scf.methods.registry import get_method, validate_params
+from tasks.errors import PipelineError
+from tasks.gate import GatePolicy
+
+ZOO_PREFIX = "zoo:"
+
+
+class ZooSettings(BaseModel):
+    """Which toy zoo ``zoo:<model>`` sources refer to (built on first use)."""
+
+    model_config = ConfigDict(extra="forbid")
+    size: Literal["tiny", "small"] = "tiny"
+    seed: int = 0
+
+
+class Sources(BaseModel):
+    """Input models. Each is a hub id with an optional ``@revision``, a local path, or ``zoo:<model>``.
+
+    Attributes:
+        base: the model whose behaviour is preserved (SCF-RKL's base).
+        secondary: one or more models contributing capabilities.
+        reference: the common ancestor, needed by task-vector methods (mergekit's ``base_model``).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    base: str = Field(min_length=1)
+    secondary: list[str] = Field(min_length=1)
+    reference: str | None = None
+
+    @field_validator("secondary", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    def parents(self) -> dict[str, str]:
+        """Role -> ref of the models candidates are compared with: base and secondaries."""
+        return {"base": self.base, **{f"secondary_{i}": ref for i, ref in enumerate(self.secondary)}}
+
+
+class CandidateGrid(BaseModel):
+    """One method with fixed ``params`` and a ``grid`` of values to sweep (cartesian product).
+
+    Attributes:
+        method: a merge method name (``scf.methods.registry.METHODS``).
+        params: parameters shared by every candidate of this entry.
+        grid: parameter -> list of values; one candidate per combination.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    method: str
+    params: dict[str, Any] = {}
+    grid: dict[str, list[Any]] = {}
+
+    @field_validator("grid")
+    @classmethod
+    def _non_empty_lists(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in grid.items():
+            if not values:
+                raise ValueError(f"grid.{key} is an empty list; give at least one value")
+        return grid
+
+
+class MergeSettings(BaseModel):
+    """Engine settings shared by every candidate (see ``scf.spec.MergeSpec``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    seed: int = 0
+    shard_size: str = "5GB"
+
+
+class Storage(BaseModel):
+    """Where outputs and stores live. Relative paths are relative to the current directory.
+
+    Attributes:
+        workdir: merged models, Prefect results, plots; default ``.scf/<name>``.
+        mlflow_uri: MLflow tracking URI; default ``$MLFLOW_TRACKING_URI`` or a sqlite file in workdir.
+        duckdb: the results database; default ``<workdir>/results.duckdb``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    workdir: Path | None = None
+    mlflow_uri: str | None = None
+    duckdb: Path | None = None
+
+
+class Candidate(BaseModel):
+    """One expanded candidate: a method with concrete, validated parameters."""
+
+    method: str
+    params: dict[str, Any]  # resolved: defaults filled by the method's params model
+    swept: dict[str, Any] = {}  # the grid values that distinguish it from its siblings
+
+    @property
+    def label(self) -> str:
+        """A readable name for logs and the UI, e.g. ``scf_rkl-alpha=1.5``."""
+        swept = ",".join(f"{key}={_short(value)}" for key, value in sorted(self.swept.items()))
+        return f"{self.method}-{swept}" if swept else self.method
+
+
+class PipelineConfig(BaseModel):
+    """A pipeline run: sources, candidates, merge, eval, gate, storage."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    zoo: ZooSettings = ZooSettings()
+    sources: Sources
+    candidates: list[CandidateGrid] = Field(min_length=1)
+    merge: MergeSettings = MergeSettings()
+    eval: EvalSpec = EvalSpec()
+    gate: GatePolicy
+    storage: Storage = Storage()
+    keep_candidates: bool = False
+    concurrency: int = Field(2, ge=1, description="candidate evaluations run at once")
+
+    @model_validator(mode="after")
+    def _validate_candidates(self) -> PipelineConfig:
+        # Validate every grid point now (not in the middle of a nightly run). ScfError names the key.
+        for index, entry in enumerate(self.candidates):
+            where = f"candidates.{index}"
+            try:
+                if get_method(entry.method).needs_reference and self.sources.reference is None:
+                    needs = "needs sources.reference (the common ancestor)"
+                    raise ValueError(f"{where}.method: {entry.method!r} {needs}")
+                for params in _grid_points(entry):
+                    validate_params(entry.method, params, n_models=1 + len(self.sources.secondary))
+            except ScfError as err:
+                raise ValueError(f"{where}: {err}") from None
+        return self
+
+    def expand(self) -> list[Candidate]:
+        """Every candidate of the sweep, in config order, duplicates removed.
+
+        Returns:
+            The candidates, with parameters resolved (defaults filled in).
+        """
+        out: dict[str, Candidate] = {}
+        n_models = 1 + len(self.sources.secondary)
+        for entry in self.candidates:
+            for params in _grid_points(entry):
+                resolved = validate_params(entry.method, params, n_models).model_dump(mode="json")
+                swept = {key: params[key] for key in entry.grid}
+                candidate = Candidate(method=entry.method, params=resolved, swept=swept)
+                out.setdefault(canonical_json([candidate.method, candidate.params]), candidate)
+        return list(out.values())
+
+    @property
+    def workdir(self) -> Path:
+        """Absolute working directory: merged models, caches, plots, default stores."""
+        return (self.storage.workdir or Path(".scf") / self.name).resolve()
+
+    @property
+    def duckdb_path(self) -> Path:
+        """Absolute path of the results database."""
+        return (self.storage.duckdb or self.workdir / "results.duckdb").resolve()
+
+    @property
+    def mlflow_uri(self) -> str:
+        """The MLflow tracking URI: the config's, else ``$MLFLOW_TRACKING_URI``, else sqlite in workdir."""
+        return (
+            self.storage.mlflow_uri
+            or os.environ.get("MLFLOW_TRACKING_URI")
+            or f"sqlite:///{self.workdir / 'mlflow.db'}"
+        )
+
+
+def _grid_points(entry: CandidateGrid) -> list[dict[str, Any]]:
+    """The cartesian product of an entry's grid, each merged over its fixed params."""
+    keys = sorted(entry.grid)
+    return [
+        {**entry.params, **dict(zip(keys, values, strict=True))}
+        for values in itertools.product(*(entry.grid[key] for key in keys))
+    ]
+
+
+def _short(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":")) if isinstance(value, list | dict) else str(value)
+
+
+def canonical_json(value: Any) -> str:
+    """JSON with sorted keys and no whitespace: the input of every content hash."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def content_hash(value: Any) -> str:
+    """sha256 hex of ``canonical_json(value)``."""
+    return hashlib.sha256(canonical_json(value).encode()).hexdigest()
+
+
+def candidate_id(fingerprints: dict[str, str], candidate: Candidate, merge: MergeSettings) -> str:
+    """The content id of a merged candidate: same inputs, method, params and weight-changing settings,
+    same id (device is left out: it changes speed, not the result beyond float rounding).
+
+    Args:
+        fingerprints: role -> source fingerprint (base, secondary_i, reference).
+        candidate: the method and resolved params.
+        merge: the merge settings.
+
+    Returns:
+        16 hex characters.
+    """
+    key = {
+        "sources": fingerprints,
+        "method": candidate.method,
+        "params": candidate.params,
+        "dtype": merge.dtype,
+        "seed": merge.seed,
+    }
+    return content_hash(key)[:16]
+
+
+def parent_id(fingerprint: str) -> str:
+    """The model id of a parent: its source fingerprint, shortened."""
+    return f"p-{fingerprint[:14]}"
+
+
+def load_config(path: str | Path, **overrides: Any) -> PipelineConfig:
+    """Load and validate a pipeline config.
+
+    Args:
+        path: the YAML file.
+        **overrides: top-level keys replacing the file's (e.g. ``keep_candidates=True``); None is ignored.
+
+    Returns:
+        The validated config.
+
+    Raises:
+        PipelineError: unreadable file, bad YAML, or an invalid key; the message names the file and the key.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise PipelineError(f"cannot read config {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise PipelineError(f"{path}: invalid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{path}: the top level must be a mapping (name, sources, candidates, ...)")
+    raw.update({key: value for key, value in overrides.items() if value is not None})
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as err:
+        problems = "\n  ".join(_describe(error) for error in err.errors())
+        raise PipelineError(f"{path}: invalid config:\n  {problems}") from None
+
+
+def _describe(error: dict) -> str:
+    """One pydantic error as ``<key>: <message>``, listing the allowed keys for an unknown one."""
+    loc = ".".join(str(part) for part in error["loc"])
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if not loc:  # a check across sections: its message names the keys
+        return message
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_keys(error["loc"][:-1])
+        return f"{loc}: unknown key; allowed: {', '.join(allowed)}"
+    if error["type"] == "missing":
+        return f"{loc}: required key is missing"
+    return f"{loc}: {message}"
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    """Field names of the model found by walking ``loc`` down from ``PipelineConfig``."""
+    model: Any = PipelineConfig
+    for part in loc:
+        if isinstance(part, int) or not (isinstance(model, type) and issubclass(model, BaseModel)):
+            continue
+        annotation = model.model_fields[part].annotation
+        args = getattr(annotation, "__args__", ())
+        args = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        model = annotation if isinstance(annotation, type) else next(iter(args), None)
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return list(model.model_fields)
+    return []
