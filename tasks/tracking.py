@@ -1,0 +1,238 @@
+"""MLflow tracking: the one place that names MLflow metrics, params and the registry alias.
+
+Layout: one experiment per pipeline config (its ``name``), one parent run per flow run, one nested
+run per evaluated model (merged candidates and their parents). Promotion registers the merged model
+by reference to its directory (no upload of the weights) and moves the registered model's
+``champion`` alias to it.
+
+Every call goes through an explicit ``MlflowClient`` (no global active run), so concurrent Prefect
+task threads never share state.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.exceptions import MlflowException
+
+from tasks.errors import PipelineError
+
+CHAMPION_ALIAS = "champion"
+PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own tag for nesting runs
+# Generation and merge figures, under these names in MLflow, DuckDB and the gate. Benchmark scores
+# are added as `<benchmark>.<metric>`.
+GENERATION_METRICS = (
+    "repetition_rate",
+    "mean_seq_rep_4",
+    "truncation_rate",
+    "refusal_rate",
+    "over_refusal_rate",
+)
+MERGE_METRICS = ("sparsity", "merge_seconds")
+TIMING_METRICS = ("eval_seconds",)
+MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+
+
+def client(uri: str) -> MlflowClient:
+    """An MLflow client for a tracking URI."""
+    return MlflowClient(tracking_uri=uri)
+
+
+def registered_model_name(config_name: str) -> str:
+    """The registry entry for a config's champions."""
+    return f"scf-{config_name}"
+
+
+def experiment_id(uri: str, config_name: str, artifact_root: Path) -> str:
+    """Get or create the config's experiment.
+
+    Args:
+        uri: tracking URI.
+        config_name: the experiment name.
+        artifact_root: where a new local experiment keeps artifacts (ignored for an existing one, and
+            left to the server when the URI is a server).
+
+    Returns:
+        The experiment id.
+    """
+    mlflow = client(uri)
+    found = mlflow.get_experiment_by_name(config_name)
+    if found is not None:
+        return found.experiment_id
+    location = None if uri.startswith(("http://", "https://", "databricks")) else Path(artifact_root).as_uri()
+    try:
+        return mlflow.create_experiment(config_name, artifact_location=location)
+    except MlflowException:  # created meanwhile by a concurrent run
+        return mlflow.get_experiment_by_name(config_name).experiment_id
+
+
+def start_run(
+    uri: str,
+    exp_id: str,
+    name: str,
+    *,
+    parent_run_id: str | None = None,
+    params: dict[str, Any] | None = None,
+    tags: dict[str, str] | None = None,
+) -> str:
+    """Start a run (nested under ``parent_run_id`` when given) and log its params.
+
+    Args:
+        uri: tracking URI.
+        exp_id: experiment id.
+        name: the run name shown in the UI.
+        parent_run_id: the flow run's MLflow run, for nested runs.
+        params: flat params; values that are not strings are stored as canonical JSON.
+        tags: extra tags.
+
+    Returns:
+        The run id.
+    """
+    mlflow = client(uri)
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags[PARENT_RUN_TAG] = parent_run_id
+    run = mlflow.create_run(exp_id, run_name=name, tags=all_tags)
+    if params:
+        mlflow.log_batch(run.info.run_id, params=[Param(k, _param_value(v)) for k, v in params.items()])
+    return run.info.run_id
+
+
+def model_metrics(
+    eval_metrics: dict[str, float], merge_report: dict | None, eval_seconds: float
+) -> dict[str, float]:
+    """All metrics of one evaluated model under their stable names.
+
+    Args:
+        eval_metrics: ``EvalReport.metrics()`` (``<benchmark>.<metric>`` and generation figures).
+        merge_report: the candidate's ``merge_report.json`` (None for parents).
+        eval_seconds: evaluation wall time.
+
+    Returns:
+        name -> value.
+    """
+    metrics = dict(eval_metrics)
+    metrics["eval_seconds"] = eval_seconds
+    if merge_report is not None:
+        metrics["sparsity"] = merge_report["totals"]["sparsity"]
+        metrics["merge_seconds"] = merge_report["timings"]["total_seconds"]
+    return metrics
+
+
+def log_model_run(
+    uri: str,
+    exp_id: str,
+    parent_run_id: str,
+    name: str,
+    params: dict[str, Any],
+    metrics: dict[str, float],
+    artifacts: list[Path],
+    tags: dict[str, str],
+) -> str:
+    """Log one evaluated model as a finished run nested under the flow's run.
+
+    Args:
+        uri: tracking URI.
+        exp_id: experiment id.
+        parent_run_id: the flow run's MLflow run.
+        name: run name (the candidate label, or ``parent:<role>``).
+        params: method, params, sources, eval settings.
+        metrics: from ``model_metrics``.
+        artifacts: files to attach (merge report, merge config, samples, eval report).
+        tags: e.g. ``candidate_id``, ``kind``, ``decision``.
+
+    Returns:
+        The nested run id.
+    """
+    mlflow = client(uri)
+    run_id = start_run(uri, exp_id, name, parent_run_id=parent_run_id, params=params, tags=tags)
+    stamp = int(time.time() * 1000)
+    mlflow.log_batch(run_id, metrics=[Metric(key, float(value), stamp, 0) for key, value in metrics.items()])
+    for path in artifacts:
+        if Path(path).exists():
+            mlflow.log_artifact(run_id, str(path))
+    mlflow.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+    return run_id
+
+
+def log_artifacts(uri: str, run_id: str, paths: list[Path], artifact_path: str | None = None) -> None:
+    """Attach files to a run (plots, the resolved config)."""
+    mlflow = client(uri)
+    for path in paths:
+        mlflow.log_artifact(run_id, str(path), artifact_path=artifact_path)
+
+
+def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
+    """Set tags on a run (e.g. the gate decision once it is known)."""
+    mlflow = client(uri)
+    for key, value in tags.items():
+        mlflow.set_tag(run_id, key, value)
+
+
+def finish_run(uri: str, run_id: str, *, failed: bool = False) -> None:
+    """Mark a run finished (or failed)."""
+    status = RunStatus.FAILED if failed else RunStatus.FINISHED
+    client(uri).set_terminated(run_id, RunStatus.to_string(status))
+
+
+def promote(uri: str, config_name: str, model_path: Path, run_id: str, candidate_id: str) -> str:
+    """Register a merged model by reference to its directory and move the ``champion`` alias to it.
+
+    A model already registered from the same directory is reused, so promoting twice adds no version.
+
+    Args:
+        uri: tracking URI.
+        config_name: the pipeline config's name (the registered model is ``scf-<name>``).
+        model_path: the merged model's directory (kept on disk; not uploaded).
+        run_id: the candidate's MLflow run.
+        candidate_id: stored as a version tag.
+
+    Returns:
+        The registered model version now holding the alias.
+    """
+    mlflow = client(uri)
+    name = registered_model_name(config_name)
+    source = str(Path(model_path).resolve())
+    try:
+        mlflow.get_registered_model(name)
+    except MlflowException:
+        mlflow.create_registered_model(name, description="Champions of the scf-pipeline gate")
+    existing = [v for v in mlflow.search_model_versions(f"name = '{name}'") if v.source == source]
+    if existing:
+        version = existing[0].version
+    else:
+        created = mlflow.create_model_version(
+            name, source=source, run_id=run_id, tags={"candidate_id": candidate_id}
+        )
+        version = created.version
+    mlflow.set_registered_model_alias(name, CHAMPION_ALIAS, version)
+    return str(version)
+
+
+def champion_source(uri: str, config_name: str) -> str | None:
+    """Where the registered champion's weights are, or None when there is no champion."""
+    try:
+        return (
+            client(uri).get_model_version_by_alias(registered_model_name(config_name), CHAMPION_ALIAS).source
+        )
+    except MlflowException:
+        return None
+
+
+def ui_command(uri: str) -> str:
+    """The command that opens the MLflow UI on this tracking store."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def _param_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    if len(text) > MAX_PARAM_LENGTH:
+        raise PipelineError(f"MLflow param value too long ({len(text)} > {MAX_PARAM_LENGTH}): {text[:80]}...")
+    return text
