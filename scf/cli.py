@@ -1,0 +1,152 @@
+"""`scf merge` and `scf methods`: the merge library's subcommands (composed by flows/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from scf.errors import ScfError
+
+# CLI flag -> MergeSpec field, for flags that override the YAML config when given.
+_FLAG_FIELDS = ("base", "secondary", "reference", "method", "device", "dtype", "seed", "shard_size",
+                "diagnostics", "diagnostic_layers", "allow_pickle")
+_BOUND_SYMBOLS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``merge`` and ``methods`` to the ``scf`` command.
+
+    Args:
+        subparsers: the ``add_subparsers()`` object of the ``scf`` parser.
+    """
+    merge = subparsers.add_parser(
+        "merge", help="merge models (SCF-RKL or a baseline) into a new checkpoint",
+        description="Merge a base with one or more secondaries, streaming tensor by tensor. Flags override "
+                    "the fields of --config. Bad input: 'error: ...' and exit code 2, nothing written.")
+    merge.add_argument("--config", type=Path,
+                       help="YAML file of MergeSpec fields (base, secondary, method, params, ...)")
+    merge.add_argument("--out", type=Path, required=True, help="output directory (appears atomically)")
+    merge.add_argument("--base", help="base model: local dir, .safetensors file or hub id org/name[@rev]")
+    merge.add_argument("--secondary", action="append", help="secondary model (repeat for several)")
+    merge.add_argument("--reference", help="common ancestor for task-vector methods (mergekit's base_model)")
+    merge.add_argument("--method", help="merge method (see `scf methods`; default scf_rkl)")
+    merge.add_argument("--set", dest="params", action="append", default=[], metavar="KEY=VALUE",
+                       help="method parameter, a YAML value (alpha=1.5, weight=[0.7,0.3]); repeatable")
+    merge.add_argument("--device", choices=["auto", "cpu", "cuda"], help="compute device (default auto)")
+    merge.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"],
+                       help="output dtype (default auto: the base's)")
+    merge.add_argument("--seed", type=int, help="seed for sampling methods (default 0)")
+    merge.add_argument("--shard-size", dest="shard_size",
+                       help="largest output shard, e.g. 5GB (default), 500MiB")
+    merge.add_argument("--diagnostics", action="store_true", default=None,
+                       help="compute spectral shift and principal angles (paper section 3)")
+    merge.add_argument("--diagnostic-layers", dest="diagnostic_layers", action="append", metavar="GLOB",
+                       help="tensor-name glob to diagnose (repeatable; default: a few layers' attn/MLP)")
+    merge.add_argument("--allow-pickle", dest="allow_pickle", action="store_true", default=None,
+                       help="accept pickled .bin weights (loaded with torch.load(weights_only=True))")
+    merge.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    merge.add_argument("--quiet", action="store_true", help="no progress bar")
+    merge.set_defaults(func=run_merge)
+
+    methods = subparsers.add_parser(
+        "methods", help="list merge methods with their parameters",
+        description="List merge methods, parameters, defaults, bounds and references.")
+    methods.add_argument("--json", action="store_true", help="print JSON instead of text")
+    methods.set_defaults(func=run_methods)
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """Parse ``--set key=value`` items; values are YAML scalars or lists.
+
+    Args:
+        items: strings like ``alpha=1.5`` or ``weight=[0.7, 0.3]``.
+
+    Returns:
+        ``{key: value}``.
+
+    Raises:
+        ScfError: an item without ``=`` or with an unparsable value; the message quotes it.
+    """
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ScfError(f"--set {item!r}: expected KEY=VALUE, e.g. --set alpha=1.5")
+        try:
+            params[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ScfError(f"--set {item!r}: value is not a YAML scalar or list") from None
+    return params
+
+
+def build_spec(args: argparse.Namespace) -> Any:
+    """The `MergeSpec` from ``--config`` (if any) with the given flags and ``--set`` params on top."""
+    from scf.spec import load_spec_file, spec_from_mapping
+
+    data = load_spec_file(args.config) if args.config else {}
+    origin = str(args.config) if args.config else "command line"
+    for field in _FLAG_FIELDS:
+        value = getattr(args, field)
+        if value is not None:
+            data[field] = value
+    if args.params:
+        data["params"] = {**(data.get("params") or {}), **parse_set(args.params)}
+    if "base" not in data or "secondary" not in data:
+        raise ScfError(f"merge spec from {origin}: base and secondary are required "
+                       f"(--base A --secondary B, or in --config)")
+    return spec_from_mapping(data, origin)
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    """Handler of ``scf merge``: merge and print a one-paragraph summary."""
+    from scf.merge import merge
+
+    spec = build_spec(args)
+    report = merge(spec, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    totals = report["totals"]
+    shares = ", ".join(f"{k} {v:.2%}" for k, v in totals["fraction_from"].items())
+    print(f"merged {totals['n_tensors']} tensors ({totals['n_params']:,} params) with {report['method']} "
+          f"into {args.out} in {report['timings']['total_seconds']:.1f}s; values from: {shares}")
+    return 0
+
+
+def run_methods(args: argparse.Namespace) -> int:
+    """Handler of ``scf methods``: list every method with its parameters."""
+    from scf.methods.registry import METHODS
+
+    described = [describe_method(spec) for spec in METHODS.values()]
+    if args.json:
+        print(json.dumps(described, indent=2))
+        return 0
+    for method in described:
+        needs = " (needs --reference)" if method["needs_reference"] else ""
+        sys.stdout.write(f"{method['name']}{needs}\n  {method['summary']}\n  {method['reference_url']}\n")
+        for param in method["params"]:
+            per_model = " (per model)" if param["per_model"] else ""
+            bounds = f" {param['bounds']}" if param["bounds"] else ""
+            line = f"{param['name']} = {param['default']!r}{bounds}{per_model}: {param['help']}"
+            sys.stdout.write(f"    {line}\n")
+        sys.stdout.write("\n")
+    return 0
+
+
+def describe_method(spec: Any) -> dict[str, Any]:
+    """A method's registry entry as plain data: name, summary, URL and each parameter's default and bounds."""
+    params = []
+    for name, field in spec.params.model_fields.items():
+        bounds = [f"{symbol} {getattr(m, attr)}" for m in field.metadata
+                  for attr, symbol in _BOUND_SYMBOLS.items() if hasattr(m, attr)]
+        params.append({
+            "name": name,
+            "default": field.get_default(call_default_factory=True),
+            "bounds": ", ".join(bounds),
+            "per_model": name in spec.per_model_params,
+            "help": field.description or "",
+        })
+    return {"name": spec.name, "summary": spec.summary, "needs_reference": spec.needs_reference,
+            "reference_url": spec.reference_url, "params": params}

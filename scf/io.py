@@ -1,0 +1,605 @@
+"""All disk access of the merge library: reading checkpoints lazily and writing the output.
+
+Reading: `open_checkpoint` finds a checkpoint's weight files (single ``model.safetensors``,
+sharded with ``model.safetensors.index.json``, a lone ``.safetensors`` file, or, only when
+allowed, pickled ``.bin`` files), checks every safetensors header against its file size, and
+loads one tensor at a time with ``safe_open``.
+
+Writing: `ShardedWriter` plans the whole output layout up front (every tensor's name, shape and
+dtype is known before merging), so each shard's header is written first and each tensor is
+appended the moment it is computed: memory holds one tensor, never a shard. `AtomicDir` makes
+the output directory appear in one rename.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from safetensors import safe_open
+
+from scf.errors import ScfError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
+PICKLE_SINGLE_NAME = "pytorch_model.bin"
+
+# safetensors dtype codes <-> torch dtypes.
+_ST_TO_TORCH = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+_TORCH_TO_ST = {v: k for k, v in _ST_TO_TORCH.items()}
+# Non-weight files a merged model needs from its base: config and tokenizer.
+CONFIG_AND_TOKENIZER_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "*.model",
+    "chat_template.*",
+)
+_MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+_SAMPLE_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """Where one tensor lives and what it is, read from a header without loading data.
+
+    Attributes:
+        name: tensor name.
+        file: the weight file holding it.
+        dtype: torch dtype.
+        shape: shape.
+        span: (start, end) byte offsets of its data inside the file (safetensors only).
+    """
+
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    span: tuple[int, int] | None = None
+
+    @property
+    def numel(self) -> int:
+        """Number of elements."""
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def read_header(path: Path) -> tuple[bytes, dict[str, TensorMeta]]:
+    """Read and check a safetensors header: valid JSON, known dtypes, data inside the file.
+
+    Args:
+        path: a ``.safetensors`` file.
+
+    Returns:
+        The raw header bytes and the tensors it declares (absolute file offsets).
+
+    Raises:
+        ScfError: the file is truncated or corrupted; the message names it.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ScfError(f"{path}: not a safetensors file (only {size} bytes)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > min(_MAX_HEADER_BYTES, size - 8):
+            raise ScfError(f"{path}: corrupted or truncated safetensors (header length {header_len} "
+                           f"does not fit in a {size}-byte file)")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ScfError(f"{path}: corrupted safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise ScfError(f"{path}: corrupted safetensors header (not a JSON object)")
+    data_start = 8 + header_len
+    tensors: dict[str, TensorMeta] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        tensors[name] = _tensor_meta(path, name, entry, data_start, size)
+    return raw, tensors
+
+
+def _tensor_meta(path: Path, name: str, entry: Any, data_start: int, size: int) -> TensorMeta:
+    """One header entry as a `TensorMeta`, checking its dtype, shape and byte range."""
+    try:
+        dtype = _ST_TO_TORCH[entry["dtype"]]
+        shape = tuple(int(d) for d in entry["shape"])
+        begin, end = (int(x) for x in entry["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise ScfError(f"{path}: corrupted safetensors header entry for tensor {name!r}") from None
+    meta = TensorMeta(name, path, dtype, shape, (data_start + begin, data_start + end))
+    expected = meta.numel * dtype.itemsize
+    if end - begin != expected:
+        raise ScfError(f"{path}: corrupted safetensors: tensor {name!r} has {end - begin} bytes, "
+                       f"its shape {list(shape)} and dtype need {expected}")
+    if data_start + end > size:
+        raise ScfError(f"{path}: truncated safetensors: tensor {name!r} ends at byte {data_start + end}, "
+                       f"the file has {size}")
+    return meta
+
+
+@dataclass
+class Checkpoint:
+    """A model's weights, opened lazily: names, shapes and dtypes come from headers, data on demand.
+
+    Attributes:
+        root: the directory (or single file) it was opened from.
+        kind: ``"safetensors"`` or ``"pickle"``.
+        files: weight files in order.
+        tensors: metadata per tensor name, in file and offset order.
+        headers: raw header bytes per safetensors file (for fingerprints).
+    """
+
+    root: Path
+    kind: str
+    files: list[Path]
+    tensors: dict[str, TensorMeta]
+    headers: dict[Path, bytes] = field(default_factory=dict)
+    _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def directory(self) -> Path | None:
+        """The checkpoint directory (config and tokenizer live here), or None for a lone file."""
+        return self.root if self.root.is_dir() else None
+
+    def config(self) -> dict[str, Any] | None:
+        """The checkpoint's ``config.json`` as a dict, or None when it has none."""
+        if self.directory is None or not (self.directory / "config.json").is_file():
+            return None
+        path = self.directory / "config.json"
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ScfError(f"{path}: not valid JSON ({exc})") from None
+
+    def load(self, name: str) -> torch.Tensor:
+        """Load one tensor (on the CPU, in its stored dtype).
+
+        Args:
+            name: tensor name.
+
+        Returns:
+            The tensor.
+        """
+        meta = self.tensors[name]
+        handle = self._handles.get(meta.file)
+        if handle is None:
+            handle = self._open(meta.file)
+            self._handles[meta.file] = handle
+        if self.kind != "safetensors":
+            return handle[name]
+        try:
+            return handle.get_tensor(name)
+        except Exception as exc:  # safetensors raises its own error types
+            reason = f"{type(exc).__name__}: {exc}"
+            raise ScfError(f"{meta.file}: cannot read tensor {name!r} ({reason})") from None
+
+    def aux_files(self) -> list[Path]:
+        """Config and tokenizer files next to the weights (none for a lone ``.safetensors`` file)."""
+        if self.directory is None:
+            return []
+        found = {p for pattern in CONFIG_AND_TOKENIZER_PATTERNS for p in self.directory.glob(pattern)}
+        return sorted(p for p in found if p.is_file() and p.suffix not in {".safetensors", ".bin"})
+
+    def _open(self, path: Path) -> Any:
+        if self.kind == "safetensors":
+            return safe_open(str(path), framework="pt", device="cpu")
+        return _load_pickle(path)
+
+    def close(self) -> None:
+        """Release open file handles."""
+        self._handles.clear()
+
+    def fingerprint(self) -> str:
+        """A cheap content fingerprint: sha256 over each file's header, size and data samples.
+
+        For every tensor three 4 KiB samples (its first, middle and last bytes) are hashed, so
+        two fine-tunes of one architecture (identical headers) differ, while a multi-GB
+        checkpoint is fingerprinted by reading a few MB. An edit that changes no sampled byte
+        goes unnoticed.
+
+        Returns:
+            A hex sha256.
+        """
+        digest = hashlib.sha256()
+        for path in self.files:
+            digest.update(path.name.encode() + b"\0" + str(path.stat().st_size).encode())
+            if self.kind != "safetensors":
+                digest.update(_file_sha256(path).encode())
+                continue
+            digest.update(self.headers[path])
+            with path.open("rb") as f:
+                for meta in (m for m in self.tensors.values() if m.file == path):
+                    for offset in _sample_offsets(*meta.span):
+                        f.seek(offset)
+                        digest.update(f.read(min(_SAMPLE_BYTES, meta.span[1] - offset)))
+        return digest.hexdigest()
+
+
+def _sample_offsets(begin: int, end: int) -> list[int]:
+    """Start offsets of the first, middle and last 4 KiB of a byte range (fewer if it is small)."""
+    if end - begin <= 3 * _SAMPLE_BYTES:
+        return [begin]
+    middle = begin + (end - begin) // 2
+    return [begin, middle, end - _SAMPLE_BYTES]
+
+
+def _file_sha256(path: Path) -> str:
+    """Streamed sha256 of a whole file (pickled weights have no header to sample)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(2**24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """Load a pickled state dict safely (tensors only, memory-mapped)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # torch raises many types for a bad pickle
+        raise ScfError(f"{path}: cannot load pickled weights ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict):
+        raise ScfError(f"{path}: pickled weights are not a state dict")
+    return state
+
+
+def open_checkpoint(path: Path, *, allow_pickle: bool = False) -> Checkpoint:
+    """Find and check a checkpoint's weight files.
+
+    Args:
+        path: a directory (``model.safetensors``, ``model.safetensors.index.json`` plus shards,
+            or other ``*.safetensors`` files) or a single ``.safetensors`` file.
+        allow_pickle: accept pickled ``.bin`` weights when there are no safetensors.
+
+    Returns:
+        The opened `Checkpoint` (headers read and checked, no tensor data loaded).
+
+    Raises:
+        ScfError: no weights, pickled weights not allowed, a missing shard, or a corrupted or
+            truncated file; the message names the file.
+    """
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ScfError(f"{path}: not a .safetensors file")
+        return _open_safetensors(path, [path])
+    index = path / INDEX_NAME
+    if index.is_file():
+        return _open_safetensors(path, _shards_from_index(index))
+    if (path / SINGLE_NAME).is_file():
+        return _open_safetensors(path, [path / SINGLE_NAME])
+    loose = sorted(path.glob("*.safetensors"))
+    if loose:
+        return _open_safetensors(path, loose)
+    pickled = _pickle_files(path)
+    if not pickled:
+        raise ScfError(f"{path}: no model weights found (expected {SINGLE_NAME} or {INDEX_NAME})")
+    if not allow_pickle:
+        raise ScfError(f"{path}: has only pickled .bin weights ({pickled[0].name}), which can run code "
+                       f"when loaded; convert them to safetensors or pass --allow-pickle "
+                       f"(allow_pickle: true) to load them with torch.load(weights_only=True)")
+    return _open_pickle(path, pickled)
+
+
+def _shards_from_index(index: Path) -> list[Path]:
+    """The shard files an index names, each checked to exist."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ScfError(f"{index}: not a valid index (no 'weight_map')") from None
+    shards = list(dict.fromkeys(weight_map.values()))
+    for shard in shards:
+        if not (index.parent / shard).is_file():
+            raise ScfError(f"{index}: names shard {shard!r}, which does not exist in {index.parent}")
+    return [index.parent / shard for shard in shards]
+
+
+def _pickle_files(path: Path) -> list[Path]:
+    """Pickled weight files of a directory (via their index when sharded)."""
+    index = path / PICKLE_INDEX_NAME
+    if index.is_file():
+        try:
+            shards = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ScfError(f"{index}: not a valid index (no 'weight_map')") from None
+        for shard in shards:
+            if not (path / shard).is_file():
+                raise ScfError(f"{index}: names shard {shard!r}, which does not exist in {path}")
+        return [path / shard for shard in shards]
+    return sorted(path.glob("*.bin"))
+
+
+def _open_safetensors(root: Path, files: list[Path]) -> Checkpoint:
+    tensors: dict[str, TensorMeta] = {}
+    headers: dict[Path, bytes] = {}
+    for file in files:
+        headers[file], metas = read_header(file)
+        for name, meta in sorted(metas.items(), key=lambda item: item[1].span):
+            if name in tensors:
+                raise ScfError(f"{file}: tensor {name!r} also appears in {tensors[name].file.name}")
+            tensors[name] = meta
+    return Checkpoint(root, "safetensors", files, tensors, headers)
+
+
+def _open_pickle(root: Path, files: list[Path]) -> Checkpoint:
+    tensors: dict[str, TensorMeta] = {}
+    handles: dict[Path, Any] = {}
+    for file in files:
+        handles[file] = state = _load_pickle(file)
+        for name, tensor in state.items():
+            tensors[name] = TensorMeta(name, file, tensor.dtype, tuple(tensor.shape))
+    return Checkpoint(root, "pickle", files, tensors, {}, handles)
+
+
+# ---------------------------------------------------------------------------------------- writing
+
+
+def check_free_space(directory: Path, needed_bytes: int) -> None:
+    """Fail early when a filesystem cannot hold the output.
+
+    Args:
+        directory: where the output goes (an existing directory on the target filesystem).
+        needed_bytes: estimated output size.
+
+    Raises:
+        ScfError: less free space than needed plus a 1% margin; the message names the directory.
+    """
+    free = shutil.disk_usage(directory).free
+    if free < needed_bytes * 1.01:
+        raise ScfError(f"not enough free disk space in {directory}: the output needs about "
+                       f"{_human(needed_bytes)}, {_human(free)} is free")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """A tensor the writer will receive: name, shape and output dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Size of its data."""
+        n = self.dtype.itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def plan_shards(tensors: list[OutputTensor], shard_size: int) -> list[list[OutputTensor]]:
+    """Split tensors, in order, into shards of at most ``shard_size`` bytes (a bigger tensor alone).
+
+    Args:
+        tensors: output tensors in write order.
+        shard_size: largest shard in bytes.
+
+    Returns:
+        The shards, each a list of tensors.
+    """
+    shards: list[list[OutputTensor]] = [[]]
+    filled = 0
+    for tensor in tensors:
+        if shards[-1] and filled + tensor.nbytes > shard_size:
+            shards.append([])
+            filled = 0
+        shards[-1].append(tensor)
+        filled += tensor.nbytes
+    return shards
+
+
+def shard_names(n_shards: int) -> list[str]:
+    """Output file names: ``model.safetensors`` alone, else ``model-0000i-of-0000N.safetensors``."""
+    if n_shards == 1:
+        return [SINGLE_NAME]
+    return [f"model-{i:05d}-of-{n_shards:05d}.safetensors" for i in range(1, n_shards + 1)]
+
+
+class ShardedWriter:
+    """Writes safetensors shards tensor by tensor, in a layout planned before the first write.
+
+    Each shard's header (names, dtypes, shapes, offsets) is written when its first tensor
+    arrives; tensors are appended as they come and a shard is fsynced and closed as soon as its
+    last tensor is in. Tensors must arrive in the planned order.
+    """
+
+    def __init__(self, out_dir: Path, tensors: list[OutputTensor], shard_size: int,
+                 metadata: dict[str, str]) -> None:
+        """Plan the layout.
+
+        Args:
+            out_dir: an existing, empty directory.
+            tensors: every output tensor, in the order `write` will be called.
+            shard_size: largest shard in bytes.
+            metadata: free-text ``__metadata__`` for every shard header.
+        """
+        self.out_dir = out_dir
+        self.metadata = {"format": "pt", **metadata}
+        self.shards = plan_shards(tensors, shard_size)
+        self.files = [out_dir / name for name in shard_names(len(self.shards))]
+        self._order = [(shard_i, t) for shard_i, shard in enumerate(self.shards) for t in shard]
+        self._next = 0
+        self._handle: Any = None
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of tensor data across all shards."""
+        return sum(t.nbytes for _, t in self._order)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next tensor (must be the next planned name, with its shape and dtype).
+
+        Args:
+            name: tensor name.
+            tensor: the data (any device; copied to the CPU if needed).
+        """
+        shard_i, planned = self._order[self._next]
+        if name != planned.name or tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
+            got = f"{name} {tuple(tensor.shape)} {tensor.dtype}"
+            raise RuntimeError(f"writer expected {planned} next, got {got}")
+        if self._handle is None:
+            self._handle = self.files[shard_i].open("wb")
+            self._handle.write(_header_bytes(self.shards[shard_i], self.metadata))
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        self._handle.write(memoryview(data.numpy()))
+        self._next += 1
+        if self._next == len(self._order) or self._order[self._next][0] != shard_i:
+            _fsync_close(self._handle)
+            self._handle = None
+
+    def finish(self) -> None:
+        """Check every tensor was written and write the index when there are several shards."""
+        if self._next != len(self._order):
+            raise RuntimeError(f"writer got {self._next} of {len(self._order)} tensors")
+        if len(self.files) == 1:
+            return
+        weight_map = {t.name: self.files[i].name for i, t in self._order}
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        write_text(self.out_dir / INDEX_NAME, json.dumps(index, indent=2) + "\n")
+
+    def abort(self) -> None:
+        """Close an open shard after a failure (the atomic directory removes the files)."""
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+def _header_bytes(shard: list[OutputTensor], metadata: dict[str, str]) -> bytes:
+    """The 8-byte length plus JSON header of one shard, padded to 8 bytes as safetensors does."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for t in shard:
+        header[t.name] = {"dtype": _TORCH_TO_ST[t.dtype], "shape": list(t.shape),
+                          "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _fsync_close(handle: Any) -> None:
+    handle.flush()
+    os.fsync(handle.fileno())
+    handle.close()
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file and fsync it."""
+    with path.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    """Copy a file and fsync the copy."""
+    shutil.copyfile(src, dst)
+    with dst.open("rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AtomicDir:
+    """A directory that appears at its destination in one rename, complete or not at all.
+
+    Files are written into a temporary sibling ``.<name>.scf-tmp-<pid>`` (same filesystem);
+    on success it is fsynced and renamed to the destination. On an exception it is removed;
+    if the process is killed, the next `AtomicDir` for the same destination removes it (its
+    pid is no longer running). With ``overwrite``, an existing destination is moved aside just
+    before the rename and deleted after.
+    """
+
+    def __init__(self, dest: Path, *, overwrite: bool = False) -> None:
+        """Prepare (nothing is created until the context is entered).
+
+        Args:
+            dest: the final directory.
+            overwrite: replace an existing ``dest``.
+        """
+        self.dest = dest.absolute()
+        self.overwrite = overwrite
+        self.tmp = self.dest.parent / f".{self.dest.name}.scf-tmp-{os.getpid()}"
+
+    def __enter__(self) -> Path:
+        self.remove_stale()
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir()
+        return self.tmp
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        _fsync_dir(self.tmp)
+        old = None
+        if self.dest.exists():
+            if not self.overwrite:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise ScfError(f"output directory {self.dest} appeared during the merge; pass --overwrite")
+            old = self.dest.parent / f".{self.dest.name}.scf-old-{os.getpid()}"
+            self.dest.rename(old)
+        self.tmp.rename(self.dest)
+        _fsync_dir(self.dest.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def remove_stale(self) -> None:
+        """Delete temporary siblings of this destination left by processes that no longer run."""
+        if not self.dest.parent.is_dir():
+            return
+        for kind in ("tmp", "old"):
+            for stale in self.dest.parent.glob(f".{self.dest.name}.scf-{kind}-*"):
+                pid = stale.name.rsplit("-", 1)[-1]
+                if not pid.isdigit() or (int(pid) != os.getpid() and psutil.pid_exists(int(pid))):
+                    continue
+                if kind == "old" and not self.dest.exists():
+                    stale.rename(self.dest)  # killed mid-overwrite: put the previous output back
+                    continue
+                with contextlib.suppress(OSError):
+                    shutil.rmtree(stale)

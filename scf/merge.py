@@ -1,0 +1,486 @@
+"""The streaming merge engine: check everything, then fuse tensor by tensor into an atomic output.
+
+`merge` first builds a `MergePlan` (method and params validated, sources resolved, architectures,
+tensor names and shapes compared, disk space checked) without writing anything. Then, for each
+tensor: a background thread reads the next tensor of every input while this one is moved to the
+device, upcast to float32, checked for NaN/Inf, fused by the method, cast to the output dtype,
+compared with the inputs (``fraction_from``) and appended to its shard. Memory holds the current
+and the next tensor set, never the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import queue
+import resource
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from pydantic import BaseModel
+from tqdm import tqdm
+
+import scf
+from scf import diagnostics as diag
+from scf.errors import ScfError
+from scf.io import (
+    AtomicDir,
+    Checkpoint,
+    OutputTensor,
+    ShardedWriter,
+    check_free_space,
+    copy_file,
+    open_checkpoint,
+    write_text,
+)
+from scf.methods.base import TensorInputs
+from scf.methods.registry import MethodSpec, get_method, validate_params
+from scf.sources import ResolvedSource, resolve_source
+from scf.spec import MergeSpec
+
+REPORT_NAME = "merge_report.json"
+CONFIG_NAME = "merge_config.yaml"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class MergePlan:
+    """Everything a merge needs, checked, before a byte is written.
+
+    Attributes:
+        spec: the user's spec.
+        method: the method's registry entry.
+        params: its validated parameters (defaults filled).
+        sources: resolved inputs, ``[base, *secondaries]`` then the reference if any.
+        labels: ``base``, ``secondary[i]``, ``reference`` for each source (for messages).
+        checkpoints: the opened inputs, same order as ``sources``.
+        outputs: output tensors in write order (base's file and offset order).
+        device: the compute device.
+        diagnosed: names of the matrices to diagnose (empty unless ``spec.diagnostics``).
+    """
+
+    spec: MergeSpec
+    method: MethodSpec
+    params: BaseModel
+    sources: list[ResolvedSource]
+    labels: list[str]
+    checkpoints: list[Checkpoint]
+    outputs: list[OutputTensor]
+    device: torch.device
+    diagnosed: set[str]
+
+    @property
+    def n_secondaries(self) -> int:
+        """Number of secondary models."""
+        return len(self.spec.secondary)
+
+    @property
+    def has_reference(self) -> bool:
+        """Whether a reference model is among the inputs."""
+        return self.spec.reference is not None
+
+
+def merge(spec: MergeSpec, out: Path, *, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Merge the spec's models into ``out``, atomically.
+
+    Args:
+        spec: what to merge and how.
+        out: the output directory; it appears complete (safetensors shards + index, the base's
+            config and tokenizer files, ``merge_report.json``, ``merge_config.yaml``) or not at all.
+        overwrite: replace an existing ``out``.
+        progress: show a progress bar (one step per tensor) on stderr.
+
+    Returns:
+        The merge report (also written to ``out/merge_report.json``).
+
+    Raises:
+        ScfError: bad input (missing or corrupted model, mismatched tensors or architectures,
+            NaN/Inf in an input, unknown method or parameter, existing output, too little disk
+            space); nothing is left at ``out``.
+
+    Example:
+        >>> spec = MergeSpec(base="org/base", secondary=["org/math"], method="scf_rkl")
+        >>> report = merge(spec, Path("merged"))
+        >>> report["totals"]["fraction_from"]
+    """
+    started = time.perf_counter()
+    plan = plan_merge(spec, Path(out), overwrite=overwrite)
+    try:
+        with AtomicDir(Path(out), overwrite=overwrite) as tmp:
+            report = _execute(plan, tmp, progress)
+            _copy_aux_files(plan.checkpoints[0], tmp)
+            report["timings"]["total_seconds"] = time.perf_counter() - started
+            report["peak_rss_bytes"] = peak_rss_bytes()
+            write_text(tmp / REPORT_NAME, json.dumps(report, indent=2) + "\n")
+            write_text(tmp / CONFIG_NAME, yaml.safe_dump(resolved_spec(plan), sort_keys=False))
+    finally:
+        for checkpoint in plan.checkpoints:
+            checkpoint.close()
+    return report
+
+
+def merge_fingerprint(spec: MergeSpec) -> str:
+    """A cache key for a merge's output: equal keys give bit-identical weights.
+
+    sha256 of canonical JSON holding the method, its resolved parameters, every input's
+    fingerprint, the output dtype, the seed and the scf version. Resolving the inputs may
+    download hub snapshots (weights included).
+
+    Args:
+        spec: the merge spec.
+
+    Returns:
+        A hex sha256.
+    """
+    params = validate_params(spec.method, spec.params, 1 + len(spec.secondary))
+    sources = _resolve_all(spec)
+    key = {
+        "method": spec.method,
+        "params": params.model_dump(mode="json"),
+        "inputs": [source.fingerprint for source in sources],
+        "has_reference": spec.reference is not None,
+        "dtype": spec.dtype,
+        "seed": spec.seed,
+        "scf_version": scf.__version__,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def plan_merge(spec: MergeSpec, out: Path, *, overwrite: bool = False) -> MergePlan:
+    """Validate a merge completely without writing anything.
+
+    Args:
+        spec: the merge spec.
+        out: the output directory.
+        overwrite: whether an existing ``out`` may be replaced.
+
+    Returns:
+        The checked `MergePlan` (inputs opened; the caller closes them).
+
+    Raises:
+        ScfError: see `merge`.
+    """
+    method = get_method(spec.method)
+    if method.needs_reference and spec.reference is None:
+        raise ScfError(f"method {spec.method!r} works on task vectors (model - reference) and needs a "
+                       f"reference model (the common ancestor, mergekit's base_model): pass --reference")
+    params = validate_params(spec.method, spec.params, 1 + len(spec.secondary))
+    if out.exists() and not (overwrite and out.is_dir()):
+        raise ScfError(f"output directory {out} already exists; pass --overwrite to replace it")
+    device = resolve_device(spec.device)
+    sources = _resolve_all(spec)
+    labels = ["base", *(f"secondary[{i}]" for i in range(len(spec.secondary)))]
+    labels += ["reference"] if spec.reference is not None else []
+    checkpoints = [open_checkpoint(s.path, allow_pickle=spec.allow_pickle) for s in sources]
+    try:
+        _check_architectures(checkpoints, labels)
+        _check_tensors(checkpoints, labels)
+        outputs = [OutputTensor(m.name, m.shape, _output_dtype(m.dtype, spec.dtype))
+                   for m in checkpoints[0].tensors.values()]
+        check_free_space(_existing_ancestor(out), sum(t.nbytes for t in outputs) + 2**20)
+    except BaseException:
+        for checkpoint in checkpoints:
+            checkpoint.close()
+        raise
+    diagnosed: set[str] = set()
+    if spec.diagnostics:
+        shapes = {t.name: t.shape for t in outputs if t.dtype.is_floating_point}
+        diagnosed = set(diag.select_matrices(shapes, spec.diagnostic_layers))
+    return MergePlan(spec, method, params, sources, labels, checkpoints, outputs, device, diagnosed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available else CPU; ``cuda`` without a GPU is an error naming ``device``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ScfError("device: 'cuda' was asked for but no CUDA device is available (use auto or cpu)")
+    return torch.device(name)
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A per-tensor seed from (seed, tensor name), stable across runs and machines (sha256)."""
+    digest = hashlib.sha256(f"{seed}\0{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far, in bytes."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+def resolved_spec(plan: MergePlan) -> dict[str, Any]:
+    """The spec that reproduces this merge: pinned inputs, parameters with defaults filled."""
+    pinned = [s.pinned_ref() for s in plan.sources]
+    return plan.spec.model_copy(update={
+        "base": pinned[0],
+        "secondary": pinned[1: 1 + plan.n_secondaries],
+        "reference": pinned[-1] if plan.has_reference else None,
+        "params": plan.params.model_dump(mode="json"),
+    }).model_dump(mode="json")
+
+
+# ------------------------------------------------------------------------------------ validation
+
+
+def _resolve_all(spec: MergeSpec) -> list[ResolvedSource]:
+    refs = [spec.base, *spec.secondary] + ([spec.reference] if spec.reference is not None else [])
+    return [resolve_source(ref, allow_pickle=spec.allow_pickle) for ref in refs]
+
+
+def _check_architectures(checkpoints: list[Checkpoint], labels: list[str]) -> None:
+    """Inputs whose config.json both exist must agree on model_type and architectures."""
+    base_config = checkpoints[0].config()
+    if base_config is None:
+        return
+    for checkpoint, label in zip(checkpoints[1:], labels[1:], strict=True):
+        config = checkpoint.config()
+        if config is None:
+            continue
+        for key in ("model_type", "architectures"):
+            if key in base_config and key in config and base_config[key] != config[key]:
+                raise ScfError(
+                    f"different architectures: {key} is {base_config[key]!r} in base "
+                    f"({checkpoints[0].root / 'config.json'}) but {config[key]!r} in {label} "
+                    f"({checkpoint.root / 'config.json'})")
+
+
+def _check_tensors(checkpoints: list[Checkpoint], labels: list[str]) -> None:
+    """Every input must hold exactly the base's tensor names, with the base's shapes."""
+    base = checkpoints[0]
+    for checkpoint, label in zip(checkpoints[1:], labels[1:], strict=True):
+        for names, present, absent in (
+            (base.tensors.keys() - checkpoint.tensors.keys(), ("base", base), (label, checkpoint)),
+            (checkpoint.tensors.keys() - base.tensors.keys(), (label, checkpoint), ("base", base)),
+        ):
+            if names:
+                shown = ", ".join(repr(n) for n in sorted(names)[:3])
+                more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+                raise ScfError(f"tensor {shown}{more} present in {present[0]} ({present[1].root}) "
+                               f"but not in {absent[0]} ({absent[1].root})")
+        for name, meta in base.tensors.items():
+            other = checkpoint.tensors[name].shape
+            if other != meta.shape:
+                raise ScfError(f"tensor {name!r}: shape mismatch: base has {list(meta.shape)}, "
+                               f"{label} has {list(other)}")
+
+
+def _output_dtype(base_dtype: torch.dtype, requested: str) -> torch.dtype:
+    """Output dtype: the base's for ``auto`` and for non-float tensors, else the requested one."""
+    if requested == "auto" or not base_dtype.is_floating_point:
+        return base_dtype
+    return _DTYPES[requested]
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+# ------------------------------------------------------------------------------------- execution
+
+
+class _Prefetcher:
+    """Reads each tensor name from every input in a background thread, one name ahead.
+
+    At most two tensor sets are alive: the one being computed and the next one (read while
+    the current is computed). The consumer calls `get`, processes, drops its references,
+    then calls `release`.
+    """
+
+    def __init__(self, checkpoints: list[Checkpoint], names: list[str]) -> None:
+        self.read_seconds = 0.0
+        self._slots = threading.Semaphore(2)
+        self._items: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(checkpoints, names), daemon=True)
+        self._thread.start()
+
+    def _run(self, checkpoints: list[Checkpoint], names: list[str]) -> None:
+        try:
+            for name in names:
+                self._slots.acquire()
+                if self._stop.is_set():
+                    return
+                started = time.perf_counter()
+                tensors = [checkpoint.load(name) for checkpoint in checkpoints]
+                self.read_seconds += time.perf_counter() - started
+                self._items.put((name, tensors))
+        except BaseException as exc:  # handed to the consumer, raised there
+            self._items.put(exc)
+
+    def get(self) -> tuple[str, list[torch.Tensor]]:
+        """The next (name, [tensor of each input]) in order; re-raises a reader error."""
+        item = self._items.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def release(self) -> None:
+        """Signal that the last tensor set is no longer referenced."""
+        self._slots.release()
+
+    def close(self) -> None:
+        """Stop the reader thread."""
+        self._stop.set()
+        self._slots.release()
+        self._thread.join()
+
+
+def _execute(plan: MergePlan, out_dir: Path, progress: bool) -> dict[str, Any]:
+    """Fuse every tensor into ``out_dir`` and return the report (without total time and RSS)."""
+    metadata = {"scf_method": plan.spec.method, "scf_version": scf.__version__}
+    writer = ShardedWriter(out_dir, plan.outputs, plan.spec.shard_size_bytes, metadata)
+    names = [t.name for t in plan.outputs]
+    reader = _Prefetcher(plan.checkpoints, names)
+    records: list[dict[str, Any]] = []
+    timings = {"read_seconds": 0.0, "compute_seconds": 0.0, "write_seconds": 0.0}
+    diagnostics: dict[str, dict[str, float] | None] = {}
+    try:
+        bar = tqdm(plan.outputs, desc=f"merge {plan.spec.method}", unit="tensor", disable=not progress)
+        for output in bar:
+            name, tensors = reader.get()
+            record = _merge_tensor(plan, output, tensors, writer, timings, diagnostics)
+            del tensors
+            reader.release()
+            records.append(record)
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        reader.close()
+    timings["read_seconds"] = reader.read_seconds
+    return _report(plan, records, timings, diagnostics)
+
+
+def _merge_tensor(plan: MergePlan, output: OutputTensor, tensors: list[torch.Tensor], writer: ShardedWriter,
+                  timings: dict[str, float], diagnostics: dict[str, Any]) -> dict[str, Any]:
+    """Fuse, check, measure and write one tensor; returns its report entry."""
+    started = time.perf_counter()
+    name = output.name
+    if not tensors[0].dtype.is_floating_point:  # integer buffers: keep the base's
+        fused = tensors[0]
+        untouched = {f"secondary_{i}": 0.0 for i in range(plan.n_secondaries)}
+        fractions = {"base": 1.0, **untouched, "neither": 0.0}
+    else:
+        inputs = [_to_compute(t, name, label, plan) for t, label in zip(tensors, plan.labels, strict=True)]
+        models = inputs[: 1 + plan.n_secondaries]
+        generator = torch.Generator(device=plan.device).manual_seed(tensor_seed(plan.spec.seed, name))
+        fused32 = plan.method.fn(
+            TensorInputs(name, models[0], models[1:], inputs[-1] if plan.has_reference else None, generator),
+            plan.params)
+        _check_fused(fused32, output, plan.spec.method)
+        fused = fused32.to(output.dtype)
+        del fused32
+        fractions = fraction_from(fused, models)
+        if name in plan.diagnosed:  # None marks a matrix too large to diagnose cheaply
+            too_large = fused.numel() > diag.MAX_ELEMENTS
+            diagnostics[name] = None if too_large else diag.matrix_diagnostics(models[0], fused)
+        del inputs, models
+    compute_done = time.perf_counter()
+    writer.write(name, fused)
+    finished = time.perf_counter()
+    timings["compute_seconds"] += compute_done - started
+    timings["write_seconds"] += finished - compute_done
+    return {"name": name, "shape": list(output.shape), "dtype": str(output.dtype).removeprefix("torch."),
+            "fraction_from": fractions, "sparsity": fractions["base"], "seconds": finished - started}
+
+
+def _to_compute(tensor: torch.Tensor, name: str, label: str, plan: MergePlan) -> torch.Tensor:
+    """Move an input to the device as float32 and reject NaN/Inf, naming model, file and tensor."""
+    moved = tensor.to(device=plan.device, dtype=torch.float32)
+    if not bool(torch.isfinite(moved).all()):
+        checkpoint = plan.checkpoints[plan.labels.index(label)]
+        bad = int((~torch.isfinite(moved)).sum())
+        raise ScfError(f"tensor {name!r} of {label} ({checkpoint.tensors[name].file}) has {bad} NaN/Inf "
+                       f"values; refusing to merge a broken checkpoint")
+    return moved
+
+
+def _check_fused(fused: torch.Tensor, output: OutputTensor, method: str) -> None:
+    """A method must return base's shape and finite values."""
+    if tuple(fused.shape) != output.shape:
+        raise ScfError(f"method {method!r} returned shape {list(fused.shape)} for tensor {output.name!r}, "
+                       f"expected {list(output.shape)}")
+    if not bool(torch.isfinite(fused).all()):
+        raise ScfError(f"method {method!r} produced NaN/Inf for tensor {output.name!r}; check its params")
+
+
+def fraction_from(fused: torch.Tensor, models: list[torch.Tensor]) -> dict[str, float]:
+    """Share of elements whose written value equals the base's, else each secondary's, else none.
+
+    Args:
+        fused: the fused tensor as written (output dtype).
+        models: ``[base, *secondaries]`` (float32, same shape). An element equal to several
+            models counts for the first of them.
+
+    Returns:
+        ``{"base": f, "secondary_0": f, ..., "neither": f}``, summing to 1.
+    """
+    numel = max(fused.numel(), 1)
+    unclaimed = fused != models[0]
+    fractions = {"base": 1.0 - int(unclaimed.sum()) / numel}
+    for i, secondary in enumerate(models[1:]):
+        claimed = unclaimed & (fused == secondary)
+        fractions[f"secondary_{i}"] = int(claimed.sum()) / numel
+        unclaimed &= ~claimed
+        del claimed
+    fractions["neither"] = int(unclaimed.sum()) / numel
+    return fractions
+
+
+def _report(plan: MergePlan, records: list[dict[str, Any]], timings: dict[str, float],
+            diagnostics: dict[str, dict[str, float] | None]) -> dict[str, Any]:
+    """Assemble the merge report (keys as in docs/architecture.md)."""
+    n_params = sum(math.prod(r["shape"]) for r in records)
+    totals: dict[str, float] = {}
+    for record in records:
+        weight = math.prod(record["shape"]) / max(n_params, 1)
+        for key, value in record["fraction_from"].items():
+            totals[key] = totals.get(key, 0.0) + value * weight
+    dtypes = {r["dtype"] for r in records}
+    report: dict[str, Any] = {
+        "method": plan.spec.method,
+        "params": plan.params.model_dump(mode="json"),
+        "inputs": {
+            "base": plan.sources[0].as_report(),
+            "secondaries": [s.as_report() for s in plan.sources[1: 1 + plan.n_secondaries]],
+            "reference": plan.sources[-1].as_report() if plan.has_reference else None,
+        },
+        "scf_version": scf.__version__,
+        "device": str(plan.device),
+        "dtype": dtypes.pop() if len(dtypes) == 1 else "mixed",
+        "seed": plan.spec.seed,
+        "totals": {"n_tensors": len(records), "n_params": n_params, "fraction_from": totals,
+                   "sparsity": totals.get("base", 1.0)},
+        "tensors": records,
+        "timings": {"total_seconds": 0.0, **timings},
+        "peak_rss_bytes": 0,
+    }
+    if plan.spec.diagnostics:
+        report["diagnostics"] = {
+            "top_k": diag.DEFAULT_TOP_K,
+            "spectral_shift": {n: d["spectral_shift"] for n, d in diagnostics.items() if d},
+            "principal_angle_deg": {n: d["principal_angle_deg"] for n, d in diagnostics.items() if d},
+            "skipped": sorted(n for n, d in diagnostics.items() if d is None),
+            "per_layer_sparsity": diag.layer_sparsity(records),
+            "fraction_from": totals,
+        }
+    return report
+
+
+def _copy_aux_files(base: Checkpoint, out_dir: Path) -> None:
+    """Copy the base's config and tokenizer files next to the merged weights."""
+    for path in base.aux_files():
+        copy_file(path, out_dir / path.name)
