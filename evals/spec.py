@@ -90,7 +90,9 @@ class EvalSpec(BaseModel):
         dtype: weights dtype for loading ("auto" = the checkpoint's own dtype).
         limit: at most this many samples per benchmark; None = every sample.
         gen: decoding settings, used by every benchmark of the suite (lm-eval tasks keep their
-            own stop sequences; `gen.max_new_tokens` replaces their max_gen_toks).
+            own stop sequences; `gen.max_new_tokens` replaces their max_gen_toks). None: the
+            suite's `default_gen` (the resolved value is recorded in `EvalReport.gen_params`).
+        toy_seed: seed of the toy test sets (`evals.toytasks.test_set`).
         loop: thresholds of the `looping` flag.
         safety: harmful / benign prompt files (real suites); the toy suite brings its own.
         chat_template: apply the tokenizer's chat template when it has one.
@@ -105,7 +107,8 @@ class EvalSpec(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     limit: int | None = Field(default=None, ge=1)
-    gen: GenParams = GenParams()
+    gen: GenParams | None = None
+    toy_seed: int = 0
     loop: LoopThresholds = LoopThresholds()
     safety: SafetyData = SafetyData()
     chat_template: bool = True

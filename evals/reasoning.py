@@ -1,0 +1,285 @@
+"""Reasoning benchmarks through lm-eval (`lm_eval.simple_evaluate`), scored for repetition too.
+
+lm-eval runs the model itself ("hf" = transformers, or "vllm") from the same model directory and
+decoding settings as our backends, with `log_samples=True`, so every generation comes back and is
+scored for repetition: one generation pass serves both. lm-eval returns text only, so the text is
+tokenized back to ids with the model's tokenizer, and a generation counts as truncated when it has
+`max_new_tokens` tokens or more.
+
+Toy benchmarks (`toy_math`, `toy_strings`) are lm-eval YAML tasks shipped in `evals/lm_tasks/`;
+`prepare_toy_tasks` writes the held-out test sets and copies of the YAML files, with absolute
+data paths, to a cache directory, and lm-eval loads them from there with
+`TaskManager(include_path=...)`, offline. Real benchmarks use lm-eval's standard task names.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from evals import toytasks
+from evals.errors import EvalError
+from evals.repetition import score_sample
+from evals.spec import BenchmarkScore, GenParams, LoopThresholds, Sample
+
+TOY_TASK_FILES = {"toy_math": "math", "toy_strings": "strings"}  # task -> toytasks task
+# Closed-form stderr for mean metrics needs no resampling; other aggregations get this many.
+BOOTSTRAP_ITERS = 1000
+
+
+@dataclass(frozen=True)
+class LmEvalRun:
+    """What one lm-eval run produced.
+
+    Attributes:
+        scores: one BenchmarkScore per (requested task or group, metric, filter).
+        samples: every generation, with repetition figures and exact-match correctness.
+        config: the resolved lm-eval settings (model args, gen kwargs, task configs' versions).
+    """
+
+    scores: list[BenchmarkScore]
+    samples: list[Sample]
+    config: dict
+
+
+def default_cache_dir() -> Path:
+    """Where toy task files are written: $SCF_CACHE/lm_tasks (default ~/.cache/scf-pipeline)."""
+    import os
+
+    return Path(os.environ.get("SCF_CACHE", Path.home() / ".cache" / "scf-pipeline")) / "lm_tasks"
+
+
+def prepare_toy_tasks(out_dir: Path | None = None, seed: int = 0) -> Path:
+    """Write the toy test sets and their lm-eval YAML files (absolute data paths) to a directory.
+
+    Args:
+        out_dir: the directory (default `default_cache_dir()/toy-seed<seed>`).
+        seed: the toy data seed (`evals.toytasks.write_test_sets`).
+
+    Returns:
+        The directory, to pass as `TaskManager(include_path=...)`.
+    """
+    out_dir = Path(out_dir) if out_dir is not None else default_cache_dir() / f"toy-seed{seed}"
+    data = toytasks.write_test_sets(out_dir, seed=seed)
+    package = resources.files("evals.lm_tasks")
+    for entry in package.iterdir():
+        if not entry.name.endswith(".yaml"):
+            continue
+        config = yaml.safe_load(entry.read_text())
+        files = (config.get("dataset_kwargs") or {}).get("data_files")
+        if files:
+            # lm-eval resolves relative data_files against the working directory: pin them.
+            task_name = TOY_TASK_FILES[config["task"]]
+            config["dataset_kwargs"]["data_files"] = {"test": str(data[task_name].resolve())}
+        _write_atomic(out_dir / entry.name, yaml.safe_dump(config, sort_keys=False))
+    return out_dir
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def hf_lm(backend, gen: GenParams):
+    """lm-eval's "hf" model around the model and tokenizer our transformers backend already loaded.
+
+    One load serves safety and reasoning. The model's generation_config is replaced by our explicit
+    one: transformers would otherwise let a checkpoint's generation_config.json (e.g. its own
+    max_new_tokens) override what lm-eval asks for (lm-eval issue #3154).
+
+    Args:
+        backend: a loaded `TransformersBackend`.
+        gen: decoding settings.
+
+    Returns:
+        An `lm_eval.models.huggingface.HFLM`.
+    """
+    from lm_eval.models.huggingface import HFLM
+
+    backend.model.generation_config = backend.generation_config(gen)
+    return HFLM(pretrained=backend.model, tokenizer=backend.tokenizer, batch_size=gen.batch_size)
+
+
+def vllm_model_args(model_dir: Path, dtype: str, gen: GenParams) -> dict:
+    """model_args of lm-eval's "vllm" model (it starts its own engine).
+
+    Args:
+        model_dir: the model directory.
+        dtype: "auto" or a dtype name.
+        gen: decoding settings (the engine seed).
+
+    Returns:
+        The model_args dict.
+    """
+    return {"pretrained": str(model_dir), "dtype": dtype, "seed": gen.seed}
+
+
+def gen_kwargs(gen: GenParams) -> dict:
+    """lm-eval generation kwargs from our settings (they override the tasks' own, except `until`).
+
+    Args:
+        gen: decoding settings.
+
+    Returns:
+        Explicit values for every setting we control.
+    """
+    kwargs = {
+        "max_gen_toks": gen.max_new_tokens,
+        "do_sample": not gen.greedy,
+        "temperature": gen.temperature,
+        "repetition_penalty": gen.repetition_penalty,
+    }
+    if not gen.greedy:
+        kwargs["top_p"] = gen.top_p
+    return kwargs
+
+
+def run_lm_eval(
+    lm,
+    tasks: Sequence[str],
+    *,
+    gen: GenParams,
+    limit: int | None,
+    loop: LoopThresholds,
+    chat_template: bool,
+    tokenizer,
+    device: str,
+    model_args: dict | None = None,
+    include_path: Path | None = None,
+    include_defaults: bool = True,
+    unsafe_code: bool = False,
+) -> LmEvalRun:
+    """Run lm-eval on `tasks` and turn its results into scores and repetition-scored samples.
+
+    Args:
+        lm: an lm-eval LM (`hf_lm(...)`) or a registered model name ("vllm") with `model_args`.
+        tasks: lm-eval task or group names.
+        gen: decoding settings.
+        limit: samples per task (None = all).
+        loop: loop thresholds for the samples.
+        chat_template: apply the tokenizer's chat template (when it has one).
+        tokenizer: the model's tokenizer (turns generations back into ids; tells if it has a template).
+        device: resolved torch device (recorded; used by lm-eval when `lm` is a name).
+        model_args: model_args when `lm` is a name.
+        include_path: extra task directory (the toy tasks).
+        include_defaults: also index lm-eval's own ~thousands of tasks (slow; off for toy-only runs).
+        unsafe_code: allow tasks that execute generated code (HumanEval).
+
+    Returns:
+        The run's scores, samples and resolved config.
+
+    Raises:
+        EvalError: unknown task names.
+    """
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    include = str(include_path) if include_path else None
+    manager = TaskManager(include_path=include, include_defaults=include_defaults)
+    for task in tasks:
+        if task not in manager.all_tasks:
+            close = difflib.get_close_matches(task, manager.all_tasks, n=5)
+            hint = f"; did you mean: {', '.join(close)}" if close else ""
+            raise EvalError(f"unknown lm-eval task {task!r}{hint}")
+    use_template = chat_template and bool(getattr(tokenizer, "chat_template", None))
+    results = lm_eval.simple_evaluate(
+        model=lm,
+        model_args=model_args,
+        tasks=list(tasks),
+        batch_size=gen.batch_size,
+        device=device,
+        limit=limit,
+        log_samples=True,
+        apply_chat_template=use_template,
+        gen_kwargs=gen_kwargs(gen),
+        task_manager=manager,
+        bootstrap_iters=BOOTSTRAP_ITERS,
+        random_seed=gen.seed,
+        numpy_random_seed=gen.seed,
+        torch_random_seed=gen.seed,
+        fewshot_random_seed=gen.seed,
+        confirm_run_unsafe_code=unsafe_code,
+    )
+    scores = [score for task in tasks for score in _scores(results, task)]
+    samples = _samples(results, tasks, tokenizer, gen.max_new_tokens, loop)
+    config = {
+        "model": lm if isinstance(lm, str) else "hf",
+        "model_args": model_args or {},
+        "device": device,
+        "gen_kwargs": gen_kwargs(gen),
+        "apply_chat_template": use_template,
+        "versions": {k: str(v) for k, v in results.get("versions", {}).items()},
+        "n-shot": results.get("n-shot", {}),
+    }
+    return LmEvalRun(scores=scores, samples=samples, config=config)
+
+
+def _leaves(results: dict, name: str) -> list[str]:
+    """The task names under a requested task or group (itself for a plain task)."""
+    children = results.get("group_subtasks", {}).get(name)
+    if not children:
+        return [name]
+    return [leaf for child in children for leaf in _leaves(results, child)]
+
+
+def _scores(results: dict, task: str) -> list[BenchmarkScore]:
+    metrics = results["results"][task]
+    leaves = _leaves(results, task)
+    n_samples = results.get("n-samples", {})
+    n = sum(n_samples[leaf]["effective"] for leaf in leaves if leaf in n_samples)
+    n_total = sum(n_samples[leaf]["original"] for leaf in leaves if leaf in n_samples)
+    higher = results.get("higher_is_better", {}).get(task, {})
+    version = str(results.get("versions", {}).get(task, ""))
+    scores = []
+    for key, value in metrics.items():
+        if "," not in key or "_stderr," in key or not isinstance(value, int | float):
+            continue  # "alias", stderr entries, non-numeric values
+        metric, filter_name = key.split(",", 1)
+        stderr = metrics.get(f"{metric}_stderr,{filter_name}")
+        scores.append(
+            BenchmarkScore(
+                benchmark=task,
+                metric=metric if filter_name == "none" else f"{metric}_{filter_name}",
+                value=float(value),
+                stderr=float(stderr) if isinstance(stderr, int | float) else None,
+                n=n,
+                n_total=n_total,
+                higher_is_better=bool(higher.get(metric, True)),
+                version=version,
+            )
+        )
+    return scores
+
+
+def _samples(
+    results: dict, tasks: Sequence[str], tokenizer, max_new_tokens: int, loop: LoopThresholds
+) -> list[Sample]:
+    out = []
+    for task in tasks:
+        for leaf in _leaves(results, task):
+            seen: set[int] = set()
+            for logged in results.get("samples", {}).get(leaf, []):
+                if logged["doc_id"] in seen:
+                    continue  # one entry per filter; the generation is the same
+                seen.add(logged["doc_id"])
+                out.append(_sample(task, logged, tokenizer, max_new_tokens, loop))
+    return out
+
+
+def _sample(benchmark: str, logged: dict, tokenizer, max_new_tokens: int, loop: LoopThresholds) -> Sample:
+    text = logged["resps"][0][0]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    finish = "length" if len(ids) >= max_new_tokens else "stop"
+    sample = score_sample(benchmark, logged["arguments"][0][0], text, ids, finish, loop)
+    metric = next((m for m in ("exact_match", "acc") if m in logged), None)
+    sample.target = str(logged["target"])
+    sample.correct = bool(logged[metric]) if metric else None
+    return sample
