@@ -1,0 +1,135 @@
+"""The merge throughput benchmark stays runnable: a tiny synthetic family through the real code path.
+
+Full-size runs live in benchmarks/RESULTS.md; here the same functions run on a ``tiny`` shape so the
+script cannot rot while the engine changes under it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_benchmark_module():
+    """Import benchmarks/merge_throughput.py by path (benchmarks/ is scripts, not a package)."""
+    path = REPO / "benchmarks" / "merge_throughput.py"
+    spec = importlib.util.spec_from_file_location("merge_throughput", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module while the class is created
+    spec.loader.exec_module(module)
+    return module
+
+
+mt = _load_benchmark_module()
+
+
+@pytest.fixture(scope="module")
+def tiny_family(tmp_path_factory) -> mt.SyntheticFamily:
+    return mt.build_family(mt.SHAPES["tiny"], tmp_path_factory.mktemp("bench"), seed=0, progress=False)
+
+
+@pytest.mark.parametrize("shape_name", ["qwen2.5-0.5b", "qwen2.5-1.5b"])
+def test_layout_is_exactly_qwen2_for_causal_lm(shape_name):
+    """Names, order and shapes equal transformers' own Qwen2 state dict (lm_head is tied, not saved)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    shape = mt.SHAPES[shape_name]
+    with torch.device("meta"):  # shapes only, no memory
+        model = Qwen2ForCausalLM(Qwen2Config(**mt.qwen2_config(shape)))
+    expected = [(k, tuple(v.shape)) for k, v in model.state_dict().items() if k != "lm_head.weight"]
+    assert mt.tensor_layout(shape) == expected
+
+
+def test_published_dimensions_of_qwen25_15b():
+    layout = dict(mt.tensor_layout(mt.SHAPES["qwen2.5-1.5b"]))
+    assert layout["model.embed_tokens.weight"] == (151936, 1536)
+    assert layout["model.layers.27.mlp.down_proj.weight"] == (1536, 8960)
+    assert layout["model.layers.0.self_attn.k_proj.weight"] == (256, 1536)  # 2 kv heads x 128
+    assert sum(torch.Size(s).numel() for s in layout.values()) == 1_543_714_304
+    assert mt.largest_tensor_fp32_bytes(mt.SHAPES["qwen2.5-1.5b"]) == 151936 * 1536 * 4
+
+
+def test_family_is_sharded_bf16_finetune_chain_and_cached(tiny_family):
+    base_dir = tiny_family.base
+    index = json.loads((base_dir / mt.INDEX_NAME).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 2  # really sharded
+    assert json.loads((base_dir / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
+    family_dirs = (tiny_family.reference, base_dir, tiny_family.secondary)
+    ref, base, sec = (load_file(str(p / shards[0])) for p in family_dirs)
+    embed = "model.embed_tokens.weight"
+    assert base[embed].dtype == torch.bfloat16
+    # secondary = base + a small delta, base = reference + a small delta: most values moved a little
+    rel = (sec[embed].float() - base[embed].float()).abs().mean() / base[embed].float().abs().mean()
+    assert 0.01 < rel < 0.2
+    assert (base[embed] != ref[embed]).float().mean() > 0.5
+
+    mtime = (base_dir / shards[0]).stat().st_mtime_ns
+    again = mt.build_family(mt.SHAPES["tiny"], base_dir.parents[2], seed=0, progress=False)
+    assert again == tiny_family and (base_dir / shards[0]).stat().st_mtime_ns == mtime  # reused, not rebuilt
+
+
+def test_bf16_ulp_distance_counts_representable_steps():
+    one = torch.tensor([1.0], dtype=torch.bfloat16)
+    next_up = torch.tensor([1.0 + 2**-7], dtype=torch.bfloat16)  # bf16 keeps 7 mantissa bits
+    assert mt.bf16_ulp_distance(one, next_up).item() == 1
+    assert mt.bf16_ulp_distance(torch.tensor([0.0]).bfloat16(), torch.tensor([-0.0]).bfloat16()).item() == 0
+    tiny = torch.tensor([2**-133], dtype=torch.bfloat16)  # the smallest positive subnormal
+    assert mt.bf16_ulp_distance(tiny, -tiny).item() == 2
+
+
+def test_compare_outputs_reports_ulps_and_values_from_neither_parent(tiny_family, tmp_path):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    tensors = {}
+    weight_map = json.loads((tiny_family.base / mt.INDEX_NAME).read_text())["weight_map"]
+    for shard in sorted(set(weight_map.values())):
+        tensors.update(load_file(str(tiny_family.base / shard)))
+    embed = tensors["model.embed_tokens.weight"]
+    bits = embed.view(torch.int16)
+    bits[0, 0] += 3 if bits[0, 0] >= 0 else -3  # 3 ulps away from the base's value, same sign
+    save_file(tensors, str(theirs / "model.safetensors"))  # single file, as mergekit writes
+
+    cmp = mt.compare_outputs(tiny_family.base, theirs, tiny_family, progress=False)
+    n_total = sum(t.numel() for t in tensors.values())
+    assert cmp.missing == []
+    assert cmp.max_ulp == 3 and cmp.tensors_over_1ulp == 1
+    assert cmp.frac_elements_differ == pytest.approx(1 / n_total)
+    assert cmp.frac_neither == pytest.approx(1 / n_total)  # the nudged value is nobody's
+
+
+def test_mergekit_config_uses_reference_as_base_model_and_float32_compute(tiny_family):
+    config = mt.mergekit_config("ties", tiny_family, {"weight": 0.5, "density": 0.5}, ("weight", "density"))
+    assert config["base_model"] == str(tiny_family.reference)
+    assert [m["model"] for m in config["models"]] == [str(tiny_family.base), str(tiny_family.secondary)]
+    assert config["models"][0]["parameters"] == {"weight": 0.5, "density": 0.5}
+    assert (config["dtype"], config["out_dtype"]) == ("float32", "bfloat16")
+    fusion = mt.mergekit_config("arcee_fusion", tiny_family, {}, ())
+    assert fusion["base_model"] == str(tiny_family.base)
+
+
+def test_tiny_run_measures_floor_time_and_rss_per_method(tiny_family, tmp_path, capsys):
+    workdir = tiny_family.base.parents[2]
+    out_json = tmp_path / "results.json"
+    argv = ["--shape", "tiny", "--methods", "scf_rkl,task_arithmetic", "--workdir", str(workdir)]
+    assert mt.main([*argv, "--json", str(out_json)]) == 0
+
+    results = json.loads(out_json.read_text())
+    assert all(t > 0 for times in results["floors_s"].values() for t in times)
+    assert [row["method"] for row in results["rows"]] == ["scf_rkl", "task_arithmetic"]
+    assert [row["n_inputs"] for row in results["rows"]] == [2, 3]
+    for row in results["rows"]:
+        assert row["ours"]["error"] is None
+        assert row["ours"]["wall_s"] > 0
+        assert row["ours"]["peak_rss_bytes"] > 50e6  # a real process with torch loaded
+    table = capsys.readouterr().out
+    assert "| scf_rkl | 2 |" in table and "| task_arithmetic | 3 |" in table
+    assert not (workdir / "out" / "scf_rkl").exists()  # outputs removed unless --keep-outputs
