@@ -112,6 +112,7 @@ class Source(BaseModel):
     ref: str
     revision: str | None
     fingerprint: str
+    path: str | None = None  # the local directory it resolved to
 
 
 class ModelRecord(BaseModel):
