@@ -115,7 +115,7 @@ def merge(spec: MergeSpec, out: Path, *, overwrite: bool = False, progress: bool
     try:
         with AtomicDir(Path(out), overwrite=overwrite) as tmp:
             report = _execute(plan, tmp, progress)
-            _copy_aux_files(plan.checkpoints[0], tmp)
+            _copy_aux_files(plan.checkpoints[0], tmp, plan.spec.dtype)
             report["timings"]["total_seconds"] = time.perf_counter() - started
             report["peak_rss_bytes"] = peak_rss_bytes()
             write_text(tmp / REPORT_NAME, json.dumps(report, indent=2) + "\n")
@@ -400,7 +400,7 @@ def _merge_tensor(plan: MergePlan, output: OutputTensor, tensors: list[torch.Ten
 def _to_compute(tensor: torch.Tensor, name: str, label: str, plan: MergePlan) -> torch.Tensor:
     """Move an input to the device as float32 and reject NaN/Inf, naming model, file and tensor."""
     moved = tensor.to(device=plan.device, dtype=torch.float32)
-    if not bool(torch.isfinite(moved).all()):
+    if not all_finite(moved):
         checkpoint = plan.checkpoints[plan.labels.index(label)]
         bad = int((~torch.isfinite(moved)).sum())
         raise ScfError(f"tensor {name!r} of {label} ({checkpoint.tensors[name].file}) has {bad} NaN/Inf "
@@ -408,12 +408,20 @@ def _to_compute(tensor: torch.Tensor, name: str, label: str, plan: MergePlan) ->
     return moved
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """True when no element is NaN or +-Inf (one min/max pass: NaN propagates, Inf is an extreme)."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 def _check_fused(fused: torch.Tensor, output: OutputTensor, method: str) -> None:
     """A method must return base's shape and finite values."""
     if tuple(fused.shape) != output.shape:
         raise ScfError(f"method {method!r} returned shape {list(fused.shape)} for tensor {output.name!r}, "
                        f"expected {list(output.shape)}")
-    if not bool(torch.isfinite(fused).all()):
+    if not all_finite(fused):
         raise ScfError(f"method {method!r} produced NaN/Inf for tensor {output.name!r}; check its params")
 
 
@@ -430,13 +438,13 @@ def fraction_from(fused: torch.Tensor, models: list[torch.Tensor]) -> dict[str, 
     """
     numel = max(fused.numel(), 1)
     unclaimed = fused != models[0]
-    fractions = {"base": 1.0 - int(unclaimed.sum()) / numel}
+    fractions = {"base": 1.0 - int(unclaimed.count_nonzero()) / numel}
     for i, secondary in enumerate(models[1:]):
         claimed = unclaimed & (fused == secondary)
-        fractions[f"secondary_{i}"] = int(claimed.sum()) / numel
+        fractions[f"secondary_{i}"] = int(claimed.count_nonzero()) / numel
         unclaimed &= ~claimed
         del claimed
-    fractions["neither"] = int(unclaimed.sum()) / numel
+    fractions["neither"] = int(unclaimed.count_nonzero()) / numel
     return fractions
 
 
@@ -480,7 +488,13 @@ def _report(plan: MergePlan, records: list[dict[str, Any]], timings: dict[str, f
     return report
 
 
-def _copy_aux_files(base: Checkpoint, out_dir: Path) -> None:
-    """Copy the base's config and tokenizer files next to the merged weights."""
+def _copy_aux_files(base: Checkpoint, out_dir: Path, dtype: str) -> None:
+    """Copy the base's config and tokenizer files; config.json's dtype follows an explicit ``--dtype``."""
     for path in base.aux_files():
-        copy_file(path, out_dir / path.name)
+        if path.name == "config.json" and dtype != "auto":
+            config = json.loads(path.read_text())
+            keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
+            config |= dict.fromkeys(keys, dtype)
+            write_text(out_dir / path.name, json.dumps(config, indent=2) + "\n")
+        else:
+            copy_file(path, out_dir / path.name)

@@ -150,3 +150,47 @@ def make_pair(root: Path, *, seed: int = 0, shard_size: int | None = None, dtype
         for i in range(n_secondaries)
     ]
     return base, secondaries
+
+
+def run_scf(argv: list[str]) -> tuple[int, str, str]:
+    """Run the ``scf`` command in-process; returns (exit code, stdout, stderr).
+
+    Uses ``flows.cli.main`` (the real entry point) once every subcommand module it composes
+    exists; until then, a parser with only ``scf.cli`` and the same error handling.
+    """
+    import contextlib
+    import importlib.util
+    import io
+    import sys
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            if all(importlib.util.find_spec(m) for m in ("evals.cli", "flows.pipeline_cli")):
+                from flows.cli import main
+
+                code = main(argv)
+            else:
+                code = _scf_only_main(argv)
+        except SystemExit as exc:  # argparse usage errors
+            code = int(exc.code or 0)
+    sys.stderr.write(err.getvalue())  # keep it visible in pytest's report on failure
+    return code, out.getvalue(), err.getvalue()
+
+
+def _scf_only_main(argv: list[str]) -> int:
+    """flows.cli.main restricted to the merge subcommands (same `error: ...` / exit 2 contract)."""
+    import argparse
+    import sys
+
+    from scf import cli
+    from scf.errors import ScfError
+
+    parser = argparse.ArgumentParser(prog="scf")
+    cli.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ScfError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
