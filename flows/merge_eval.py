@@ -36,6 +36,7 @@ class RunContext:
     exp_id: str
     mlflow_run_id: str
     flow_run_id: str | None
+    storage: Any  # the saved Prefect result storage block of the workdir
 
     @property
     def db_path(self) -> str:
@@ -107,7 +108,8 @@ def start(config_path: str, run_kind: str, **overrides: Any) -> RunContext:
     )
     resolved = steps.write_resolved_config(config, config.workdir / "artifacts" / "pipeline_config.yaml")
     tracking.log_artifacts(uri, mlflow_run_id, [resolved])
-    return RunContext(config, sources, exp_id, mlflow_run_id, flow_run_id)
+    storage = steps.result_storage(config.workdir)
+    return RunContext(config, sources, exp_id, mlflow_run_id, flow_run_id, storage)
 
 
 def plan_candidate(ctx: RunContext, candidate: Candidate) -> CandidatePlan:
@@ -157,7 +159,6 @@ def select(ctx: RunContext, wanted: str | None) -> list[CandidatePlan]:
 def evaluate_parents(ctx: RunContext) -> list[ModelResult]:
     """Evaluate base and secondaries concurrently (cached across candidates and runs), then log and store."""
     config = ctx.config
-    workdir = config.workdir
     jobs = []
     for role in config.sources.parents():
         source = ctx.sources[role]
@@ -169,8 +170,9 @@ def evaluate_parents(ctx: RunContext) -> list[ModelResult]:
             path=source.path,
         )
         key = steps.eval_key(source.fingerprint, config.eval)
-        cached = steps.is_cached(workdir, key)
-        future = steps.bind(steps.evaluate_model, workdir).submit(source.path, config.eval, record.label, key)
+        cached = steps.is_cached(ctx.storage, key)
+        evaluate = steps.bind(steps.evaluate_model, ctx.storage)
+        future = evaluate.submit(source.path, config.eval, record.label, key)
         jobs.append((record, future, cached))
     return [
         record_result(ctx, ModelResult(record, future.result(), cached={"eval": cached}))
@@ -193,10 +195,9 @@ def merge(ctx: RunContext, plan: CandidatePlan) -> tuple[steps.MergeOutcome, boo
         (the outcome, whether the merge was skipped as cached, whether the evaluation is cached).
     """
     logger = get_run_logger()
-    workdir = ctx.config.workdir
-    eval_cached = steps.is_cached(workdir, plan.eval_key)
+    eval_cached = steps.is_cached(ctx.storage, plan.eval_key)
     refresh = not plan.out.exists() and not eval_cached
-    task = steps.bind(steps.merge_candidate, workdir).with_options(refresh_cache=refresh)
+    task = steps.bind(steps.merge_candidate, ctx.storage).with_options(refresh_cache=refresh)
     state: State = task(plan.spec, str(plan.out), plan.label, plan.merge_key, return_state=True)
     outcome = state.result()
     merge_cached = state.name == "Cached"
@@ -207,7 +208,7 @@ def merge(ctx: RunContext, plan: CandidatePlan) -> tuple[steps.MergeOutcome, boo
 
 def submit_evaluation(ctx: RunContext, plan: CandidatePlan) -> PrefectFuture:
     """Start evaluating a merged candidate (cached by content)."""
-    task = steps.bind(steps.evaluate_model, ctx.config.workdir)
+    task = steps.bind(steps.evaluate_model, ctx.storage)
     return task.submit(str(plan.out), ctx.config.eval, plan.label, plan.eval_key)
 
 

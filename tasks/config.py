@@ -121,7 +121,7 @@ class Candidate(BaseModel):
 
     method: str
     params: dict[str, Any]  # resolved: defaults filled by the method's params model
-    swept: dict[str, Any] = {}  # the grid values that distinguish it from its siblings
+    swept: dict[str, Any] = {}  # the params that distinguish it from other candidates of its method
 
     @property
     def label(self) -> str:
@@ -164,17 +164,25 @@ class PipelineConfig(BaseModel):
         """Every candidate of the sweep, in config order, duplicates removed.
 
         Returns:
-            The candidates, with parameters resolved (defaults filled in).
+            The candidates, with parameters resolved (defaults filled in) and labelled by the
+            parameters that vary between candidates of the same method.
         """
         out: dict[str, Candidate] = {}
         n_models = 1 + len(self.sources.secondary)
         for entry in self.candidates:
             for params in _grid_points(entry):
                 resolved = validate_params(entry.method, params, n_models).model_dump(mode="json")
-                swept = {key: params[key] for key in entry.grid}
-                candidate = Candidate(method=entry.method, params=resolved, swept=swept)
+                candidate = Candidate(method=entry.method, params=resolved)
                 out.setdefault(canonical_json([candidate.method, candidate.params]), candidate)
-        return list(out.values())
+        candidates = list(out.values())
+        for candidate in candidates:
+            siblings = [other.params for other in candidates if other.method == candidate.method]
+            candidate.swept = {
+                key: value
+                for key, value in candidate.params.items()
+                if any(canonical_json(other.get(key)) != canonical_json(value) for other in siblings)
+            }
+        return candidates
 
     @property
     def workdir(self) -> Path:

@@ -4,7 +4,7 @@ and out, never tensors.
 Caching is by content. The flow computes each cached step's key (``merge_key`` / ``eval_key``: sha256
 of canonical JSON of the step, the inputs' fingerprints, method, params, eval spec and library
 versions) and passes it as the ``cache_key`` argument; ``cache_key_fn`` returns it. Results are
-persisted under ``<workdir>/prefect-results`` (see ``bind``), so a second run with nothing new
+persisted under ``<workdir>/prefect-results`` (see ``result_storage``), so a second run with nothing new
 skips finished merges and evaluations, across flow runs and after a crash.
 
 Retries go on the IO steps only (resolving/downloading sources, MLflow, DuckDB), and never retry
@@ -98,18 +98,24 @@ def eval_key(model_identity: str, spec: EvalSpec) -> str:
 
 
 def result_storage(workdir: Path) -> LocalFileSystem:
-    """Where cached task results are persisted for a config."""
-    return LocalFileSystem(basepath=str(Path(workdir) / "prefect-results"))
+    """Where cached task results are persisted for a workdir: ``<workdir>/prefect-results``.
+
+    Prefect needs the storage block saved server-side (so a later run, or another worker, can read
+    the results); it is saved under a name derived from the workdir.
+    """
+    block = LocalFileSystem(basepath=str(Path(workdir) / "prefect-results"))
+    block.save(f"scf-results-{content_hash(str(Path(workdir).resolve()))[:16]}", overwrite=True)
+    return block
 
 
-def bind(step: Any, workdir: Path) -> Any:
-    """A cached task with its results stored under the config's workdir."""
-    return step.with_options(result_storage=result_storage(workdir))
+def bind(step: Any, storage: LocalFileSystem) -> Any:
+    """A cached task with its results persisted in ``storage`` (from ``result_storage``)."""
+    return step.with_options(result_storage=storage)
 
 
-def is_cached(workdir: Path, key: str) -> bool:
+def is_cached(storage: LocalFileSystem, key: str) -> bool:
     """Whether a cached step's result is already persisted (the step would be skipped)."""
-    return ResultStore(result_storage=result_storage(workdir)).exists(key)
+    return ResultStore(result_storage=storage).exists(key)
 
 
 @contextlib.contextmanager

@@ -136,3 +136,15 @@ def test_candidate_id_is_a_content_hash() -> None:
 def test_every_shipped_config_is_valid(path: Path) -> None:
     config = load_config(path)
     assert config.expand(), f"{path} defines no candidates"
+
+
+def test_labels_name_what_differs_between_candidates_of_a_method(tmp_path: Path) -> None:
+    entries = [
+        {"method": "linear", "params": {"weight": 0.3}},
+        {"method": "linear", "params": {"weight": 0.5}},
+        {"method": "linear", "params": {"weight": 0.5}},  # a duplicate is run once
+    ]
+    config = load_config(_write(tmp_path, candidates=entries))
+    assert [c.label for c in config.expand()] == ["linear-weight=0.3", "linear-weight=0.5"]
+    single = load_config(_write(tmp_path, candidates=[{"method": "linear"}]))
+    assert [c.label for c in single.expand()] == ["linear"]
