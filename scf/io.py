@@ -92,6 +92,11 @@ class TensorMeta:
             n *= d
         return n
 
+    @property
+    def nbytes(self) -> int:
+        """Size of its data in bytes."""
+        return self.numel * self.dtype.itemsize
+
 
 def read_header(path: Path) -> tuple[bytes, dict[str, TensorMeta]]:
     """Read and check a safetensors header: valid JSON, known dtypes, data inside the file.
@@ -193,14 +198,15 @@ class Checkpoint:
             The tensor.
         """
         meta = self.tensors[name]
-        handle = self._handles.get(meta.file)
-        if handle is None:
-            handle = self._open(meta.file)
-            self._handles[meta.file] = handle
         if self.kind != "safetensors":
-            return handle[name]
+            if meta.file not in self._handles:
+                self._handles[meta.file] = _load_pickle(meta.file)
+            return self._handles[meta.file][name]
         try:
-            return handle.get_tensor(name)
+            # Opened per tensor: safe_open memory-maps the file, and a mapping kept open would
+            # keep every page read so far resident (RSS growing to the model size).
+            with safe_open(str(meta.file), framework="pt", device="cpu") as handle:
+                return handle.get_tensor(name)
         except Exception as exc:  # safetensors raises its own error types
             reason = f"{type(exc).__name__}: {exc}"
             raise ScfError(f"{meta.file}: cannot read tensor {name!r} ({reason})") from None
@@ -211,11 +217,6 @@ class Checkpoint:
             return []
         found = {p for pattern in CONFIG_AND_TOKENIZER_PATTERNS for p in self.directory.glob(pattern)}
         return sorted(p for p in found if p.is_file() and p.suffix not in {".safetensors", ".bin"})
-
-    def _open(self, path: Path) -> Any:
-        if self.kind == "safetensors":
-            return safe_open(str(path), framework="pt", device="cpu")
-        return _load_pickle(path)
 
     def close(self) -> None:
         """Release open file handles."""

@@ -18,6 +18,7 @@ import resource
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from scf.spec import MergeSpec
 
 REPORT_NAME = "merge_report.json"
 CONFIG_NAME = "merge_config.yaml"
+_CHUNK = 2**20  # elements per chunk when comparing fused values with the inputs
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -291,27 +293,38 @@ def _existing_ancestor(path: Path) -> Path:
 
 
 class _Prefetcher:
-    """Reads each tensor name from every input in a background thread, one name ahead.
+    """Reads each tensor name from every input in a background thread, ahead of the computation.
 
-    At most two tensor sets are alive: the one being computed and the next one (read while
-    the current is computed). The consumer calls `get`, processes, drops its references,
-    then calls `release`.
+    Read-ahead is bounded twice: at most one set beyond the one being computed, and the input
+    bytes alive never exceed the largest tensor set's. So small layers stream with reads
+    overlapping compute, while the set after a big embedding waits until the embedding is done:
+    peak memory stays a small multiple of the largest tensor. The consumer calls `get`,
+    processes, drops its references, then calls `release`.
     """
 
     def __init__(self, checkpoints: list[Checkpoint], names: list[str]) -> None:
         self.read_seconds = 0.0
-        self._slots = threading.Semaphore(2)
+        sizes = [sum(c.tensors[n].nbytes for c in checkpoints) for n in names]
+        self._budget = max(sizes, default=0)
+        self._alive: deque[int] = deque()  # bytes of each set read and not yet released
+        self._cond = threading.Condition()
+        self._stopped = False
         self._items: queue.Queue = queue.Queue()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(checkpoints, names), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(checkpoints, names, sizes), daemon=True)
         self._thread.start()
 
-    def _run(self, checkpoints: list[Checkpoint], names: list[str]) -> None:
+    def _may_read(self, size: int) -> bool:
+        alive = sum(self._alive)
+        return self._stopped or not self._alive or (len(self._alive) < 2 and alive + size <= self._budget)
+
+    def _run(self, checkpoints: list[Checkpoint], names: list[str], sizes: list[int]) -> None:
         try:
-            for name in names:
-                self._slots.acquire()
-                if self._stop.is_set():
-                    return
+            for name, size in zip(names, sizes, strict=True):
+                with self._cond:
+                    self._cond.wait_for(lambda size=size: self._may_read(size))
+                    if self._stopped:
+                        return
+                    self._alive.append(size)
                 started = time.perf_counter()
                 tensors = [checkpoint.load(name) for checkpoint in checkpoints]
                 self.read_seconds += time.perf_counter() - started
@@ -327,13 +340,16 @@ class _Prefetcher:
         return item
 
     def release(self) -> None:
-        """Signal that the last tensor set is no longer referenced."""
-        self._slots.release()
+        """Signal that the oldest tensor set is no longer referenced."""
+        with self._cond:
+            self._alive.popleft()
+            self._cond.notify_all()
 
     def close(self) -> None:
         """Stop the reader thread."""
-        self._stop.set()
-        self._slots.release()
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
         self._thread.join()
 
 
@@ -375,6 +391,7 @@ def _merge_tensor(plan: MergePlan, output: OutputTensor, tensors: list[torch.Ten
         fractions = {"base": 1.0, **untouched, "neither": 0.0}
     else:
         inputs = [_to_compute(t, name, label, plan) for t, label in zip(tensors, plan.labels, strict=True)]
+        tensors.clear()  # drop the stored-dtype originals (the caller's list) once upcast
         models = inputs[: 1 + plan.n_secondaries]
         generator = torch.Generator(device=plan.device).manual_seed(tensor_seed(plan.spec.seed, name))
         fused32 = plan.method.fn(
@@ -436,16 +453,19 @@ def fraction_from(fused: torch.Tensor, models: list[torch.Tensor]) -> dict[str, 
     Returns:
         ``{"base": f, "secondary_0": f, ..., "neither": f}``, summing to 1.
     """
+    counts = [0] * (len(models) + 1)  # base, secondaries..., neither
+    # Flat chunks keep the boolean masks small next to the tensors themselves.
+    chunks = zip(fused.reshape(-1).split(_CHUNK), *(m.reshape(-1).split(_CHUNK) for m in models), strict=True)
+    for fused_chunk, *model_chunks in chunks:
+        unclaimed = torch.ones_like(fused_chunk, dtype=torch.bool)
+        for i, model_chunk in enumerate(model_chunks):
+            claimed = unclaimed & (fused_chunk == model_chunk)
+            counts[i] += int(claimed.count_nonzero())
+            unclaimed &= ~claimed
+        counts[-1] += int(unclaimed.count_nonzero())
     numel = max(fused.numel(), 1)
-    unclaimed = fused != models[0]
-    fractions = {"base": 1.0 - int(unclaimed.count_nonzero()) / numel}
-    for i, secondary in enumerate(models[1:]):
-        claimed = unclaimed & (fused == secondary)
-        fractions[f"secondary_{i}"] = int(claimed.count_nonzero()) / numel
-        unclaimed &= ~claimed
-        del claimed
-    fractions["neither"] = int(unclaimed.count_nonzero()) / numel
-    return fractions
+    keys = ["base", *(f"secondary_{i}" for i in range(len(models) - 1)), "neither"]
+    return {key: count / numel for key, count in zip(keys, counts, strict=True)}
 
 
 def _report(plan: MergePlan, records: list[dict[str, Any]], timings: dict[str, float],
