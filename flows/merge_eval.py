@@ -22,7 +22,7 @@ from prefect.states import State
 from evals.spec import EvalReport
 from scf.spec import MergeSpec
 from tasks import plots, results_db, steps, tracking
-from tasks.config import Candidate, PipelineConfig, candidate_id, load_config, parent_id
+from tasks.config import ZOO_PREFIX, Candidate, PipelineConfig, candidate_id, load_config, parent_id
 from tasks.errors import PipelineError
 from tasks.gate import GateDecision
 
@@ -181,7 +181,9 @@ def evaluate_parents(ctx: RunContext) -> list[ModelResult]:
 
 
 def _parent_label(source: results_db.Source) -> str:
-    return f"{source.role}:{source.ref.rstrip('/').split('/')[-1]}"
+    """``base=math``: the role and the model's short name (no colons: log consoles read ``:x:`` as emoji)."""
+    name = source.ref.removeprefix(ZOO_PREFIX).rstrip("/").split("/")[-1]
+    return f"{source.role}={name}"
 
 
 def merge(ctx: RunContext, plan: CandidatePlan) -> tuple[steps.MergeOutcome, bool, bool]:

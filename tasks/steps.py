@@ -311,7 +311,13 @@ def store_results(
     return results_db.write_model_results(Path(db_path), config_name, model, scores, stats, run_id)
 
 
-@task(name="gate", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_unless_bad_input)
+@task(
+    name="gate",
+    task_run_name="gate-{config_name}",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_unless_bad_input,
+)
 def gate(
     db_path: str, config_name: str, candidate_ids: list[str], parent_ids: list[str], policy: GatePolicy
 ) -> list[GateDecision]:
@@ -330,7 +336,11 @@ def gate(
 
 
 @task(
-    name="promote", retries=3, retry_delay_seconds=IO_RETRY_DELAYS, retry_condition_fn=retry_unless_bad_input
+    name="promote",
+    task_run_name="promote-{candidate_id}",
+    retries=3,
+    retry_delay_seconds=IO_RETRY_DELAYS,
+    retry_condition_fn=retry_unless_bad_input,
 )
 def promote(uri: str, config_name: str, model_path: str, run_id: str, candidate_id: str) -> str:
     """Register the promoted model by reference and move the ``champion`` alias.
@@ -343,6 +353,7 @@ def promote(uri: str, config_name: str, model_path: str, run_id: str, candidate_
 
 @task(
     name="record-decisions",
+    task_run_name="record-decisions-{config_name}",
     retries=3,
     retry_delay_seconds=IO_RETRY_DELAYS,
     retry_condition_fn=retry_unless_bad_input,

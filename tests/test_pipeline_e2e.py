@@ -1,0 +1,179 @@
+"""End to end: the nightly flow on the tiny toy zoo with a temporary Prefect server, real MLflow (sqlite)
+and a real DuckDB file; then a second run that reuses every cached merge and evaluation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect.testing.utilities import prefect_test_harness
+
+from tasks import results_db, tracking
+from tasks.config import load_config
+
+pytestmark = pytest.mark.slow
+
+CANDIDATES = [
+    {"method": "scf_rkl", "params": {"alpha": 1.5}},
+    {"method": "linear", "params": {"weight": [0.5, 0.5]}},
+    {"method": "ties", "params": {"weight": 1.0, "density": 0.5}},
+]
+BENCHMARKS = {"toy_math.exact_match", "toy_strings.exact_match"}
+
+
+def write_config(root: Path, **changes: object) -> Path:
+    """A small pipeline config over the tiny zoo, every store under ``root``."""
+    config = {
+        "name": "e2e",
+        "zoo": {"size": "tiny", "seed": 0},
+        "sources": {"base": "zoo:math", "secondary": ["zoo:strings"], "reference": "zoo:base"},
+        "candidates": CANDIDATES,
+        "merge": {"device": "cpu"},
+        "eval": {
+            "suite": "toy",
+            "device": "cpu",
+            "limit": 4,
+            "gen": {"max_new_tokens": 16, "batch_size": 16},
+        },
+        "gate": {
+            "benchmarks": {key: {"tolerance": 1.0} for key in sorted(BENCHMARKS)},
+            "max_repetition_rate": 1.0,
+            "max_refusal_drop": 1.0,
+        },
+        "storage": {"workdir": str(root / "work"), "mlflow_uri": f"sqlite:///{root / 'mlflow.db'}"},
+        "concurrency": 2,
+    }
+    config.update(changes)
+    path = root / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    """A temporary Prefect server (and database) for this module's flow runs."""
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def two_runs(tiny_zoo: Path, prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Run nightly twice on the same config; return both summaries and the row counts after each."""
+    from flows.nightly import nightly
+
+    root = tmp_path_factory.mktemp("e2e")
+    config_path = write_config(root)
+    first = nightly(config_path=str(config_path))
+    config = load_config(config_path)
+    counts_first = results_db.row_counts(config.duckdb_path)
+    champion_dir = Path(config.workdir / "candidates" / first["champion"]) if first["champion"] else None
+    report_mtime = (champion_dir / "merge_report.json").stat().st_mtime_ns if champion_dir else None
+    second = nightly(config_path=str(config_path))
+    return {
+        "root": root,
+        "config_path": config_path,
+        "config": config,
+        "first": first,
+        "second": second,
+        "counts_first": counts_first,
+        "counts_second": results_db.row_counts(config.duckdb_path),
+        "champion_dir": champion_dir,
+        "report_mtime": report_mtime,
+    }
+
+
+def test_every_candidate_and_parent_is_stored_with_every_benchmark(two_runs: dict) -> None:
+    config = two_runs["config"]
+    counts = two_runs["counts_first"]
+    assert counts["candidates"] == len(CANDIDATES) + 2  # + base and secondary
+    assert counts["generation_stats"] == len(CANDIDATES) + 2
+    assert counts["gate_decisions"] == len(CANDIDATES)
+    entries = results_db.leaderboard(config.duckdb_path, "e2e")
+    assert sorted(entry["kind"] for entry in entries) == ["merge"] * 3 + ["parent"] * 2
+    for entry in entries:
+        assert set(entry["scores"]) >= BENCHMARKS, entry["label"]
+        assert entry["repetition_rate"] is not None and entry["refusal_rate"] is not None
+    assert counts["scores"] == sum(len(entry["scores"]) for entry in entries)
+
+
+def test_every_candidate_has_a_gate_decision_with_reasons(two_runs: dict) -> None:
+    first = two_runs["first"]
+    assert [c["label"] for c in first["candidates"]] == ["scf_rkl", "linear", "ties"]
+    for cand in first["candidates"]:
+        assert cand["decision"] in {"promoted", "passed", "rejected"}
+        assert cand["reasons"], cand
+    decisions = [c["decision"] for c in first["candidates"]]
+    assert decisions.count("promoted") <= 1
+    assert (first["promoted"] is not None) == ("promoted" in decisions)
+
+
+def test_mlflow_has_nested_runs_with_metrics_and_artifacts(two_runs: dict) -> None:
+    config = two_runs["config"]
+    first = two_runs["first"]
+    client = tracking.client(config.mlflow_uri)
+    experiment = client.get_experiment_by_name("e2e")
+    parent = client.get_run(first["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert plots == {
+        "plots/score_delta_vs_parents.png",
+        "plots/repetition_rate.png",
+        "plots/parameter_sources.png",
+    }
+    assert "pipeline_config.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    children = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert len(children) == len(CANDIDATES) + 2
+    expected = {
+        *BENCHMARKS,
+        "repetition_rate",
+        "mean_seq_rep_4",
+        "truncation_rate",
+        "refusal_rate",
+        "over_refusal_rate",
+        "eval_seconds",
+    }
+    for child in children:
+        assert expected <= set(child.data.metrics), child.info.run_name
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"samples.jsonl", "eval_report.json"} <= artifacts
+        if child.data.tags["kind"] == "merge":
+            assert {"sparsity", "merge_seconds"} <= set(child.data.metrics)
+            assert "merge_report.json" in artifacts
+            assert child.data.params["method"] in {"scf_rkl", "linear", "ties"}
+            assert child.data.params["source.base"] == "zoo:math"
+            assert child.data.tags["gate.decision"] in {"promoted", "passed", "rejected"}
+
+
+def test_the_champion_is_registered_and_losers_are_deleted(two_runs: dict) -> None:
+    config = two_runs["config"]
+    first = two_runs["first"]
+    candidates_dir = config.workdir / "candidates"
+    kept = sorted(path.name for path in candidates_dir.iterdir()) if candidates_dir.exists() else []
+    assert kept == ([first["champion"]] if first["champion"] else [])
+    if first["champion"]:
+        assert tracking.champion_source(config.mlflow_uri, "e2e") == str(candidates_dir / first["champion"])
+
+
+def test_a_second_run_reuses_every_merge_and_evaluation(two_runs: dict) -> None:
+    second = two_runs["second"]
+    assert [(c["merge_cached"], c["eval_cached"]) for c in second["candidates"]] == [(True, True)] * 3
+    assert [c["id"] for c in second["candidates"]] == [c["id"] for c in two_runs["first"]["candidates"]]
+    assert two_runs["counts_second"] == two_runs["counts_first"]
+    if two_runs["champion_dir"]:  # the champion's weights were not rewritten
+        assert (two_runs["champion_dir"] / "merge_report.json").stat().st_mtime_ns == two_runs["report_mtime"]
+    assert second["champion"] == two_runs["first"]["champion"]
+
+
+def test_scf_results_prints_the_leaderboard(two_runs: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    from flows.cli import main
+
+    assert main(["results", "--config", str(two_runs["config_path"])]) == 0
+    out = capsys.readouterr().out
+    assert "Leaderboard: e2e" in out
+    for label in ("scf_rkl", "linear", "ties", "base=math", "secondary_0=strings"):
+        assert label in out
+    assert all(key in out for key in BENCHMARKS)
