@@ -23,6 +23,22 @@ from pydantic import BaseModel, ValidationError
 from scf.errors import ScfError
 from scf.methods.base import TensorInputs
 from scf.methods.linear import LINEAR_URL, LinearParams, linear
+from scf.methods.scf import SCF_RKL_URL, ScfParams, scf_kl, scf_rkl
+from scf.methods.task_arithmetic import (
+    DARE_URL,
+    SCE_URL,
+    TASK_ARITHMETIC_URL,
+    TIES_URL,
+    DareParams,
+    SceParams,
+    TaskArithmeticParams,
+    TiesParams,
+    dare_linear,
+    dare_ties,
+    sce,
+    task_arithmetic,
+    ties,
+)
 
 
 @dataclass(frozen=True)
@@ -50,6 +66,31 @@ class MethodSpec:
 
 
 METHODS: dict[str, MethodSpec] = {
+    "scf_rkl": MethodSpec(
+        name="scf_rkl",
+        fn=scf_rkl,
+        params=ScfParams,
+        needs_reference=False,
+        per_model_params=(),
+        reference_url=SCF_RKL_URL,
+        summary=(
+            "Sparse complementary fusion with reverse KL (Algorithm 1 of 'Beyond Parameter Arithmetic'): "
+            "take a secondary's value where |s-b| * KL(q_base||p_secondary) of its row is an outlier "
+            "(>= median + alpha * IQR, exact quantiles), else keep the base's."
+        ),
+    ),
+    "scf_kl": MethodSpec(
+        name="scf_kl",
+        fn=scf_kl,
+        params=ScfParams,
+        needs_reference=False,
+        per_model_params=(),
+        reference_url=SCF_RKL_URL,
+        summary=(
+            "SCF with forward KL (the paper's ablation). mergekit's `arcee_fusion` is this method "
+            "with subsampled, approximate quantiles (and rows over the last dimension); this one is exact."
+        ),
+    ),
     "linear": MethodSpec(
         name="linear",
         fn=linear,
@@ -58,6 +99,51 @@ METHODS: dict[str, MethodSpec] = {
         per_model_params=("weight",),
         reference_url=LINEAR_URL,
         summary="Weighted average of base and secondaries (model soup); mergekit `linear`.",
+    ),
+    "task_arithmetic": MethodSpec(
+        name="task_arithmetic",
+        fn=task_arithmetic,
+        params=TaskArithmeticParams,
+        needs_reference=True,
+        per_model_params=("weight", "density"),
+        reference_url=TASK_ARITHMETIC_URL,
+        summary="reference + lambda * weighted sum of task vectors (model - reference); mergekit preset.",
+    ),
+    "ties": MethodSpec(
+        name="ties",
+        fn=ties,
+        params=TiesParams,
+        needs_reference=True,
+        per_model_params=("weight", "density"),
+        reference_url=TIES_URL,
+        summary="TIES: trim task vectors to top-density magnitudes, elect signs, disjoint weighted mean.",
+    ),
+    "dare_linear": MethodSpec(
+        name="dare_linear",
+        fn=dare_linear,
+        params=DareParams,
+        needs_reference=True,
+        per_model_params=("weight", "density"),
+        reference_url=DARE_URL,
+        summary="DARE: drop task-vector entries at random (seeded), rescale by 1/density, weighted sum.",
+    ),
+    "dare_ties": MethodSpec(
+        name="dare_ties",
+        fn=dare_ties,
+        params=DareParams,
+        needs_reference=True,
+        per_model_params=("weight", "density"),
+        reference_url=DARE_URL,
+        summary="DARE drop and rescale, then TIES sign election.",
+    ),
+    "sce": MethodSpec(
+        name="sce",
+        fn=sce,
+        params=SceParams,
+        needs_reference=True,
+        per_model_params=(),
+        reference_url=SCE_URL,
+        summary="SCE: select high-variance entries, weight task vectors by mean square, erase minority signs",
     ),
 }
 
@@ -101,7 +187,7 @@ def validate_params(name: str, params: Mapping, n_models: int) -> BaseModel:
     try:
         validated = spec.params.model_validate(dict(params))
     except ValidationError as exc:
-        problems = "; ".join(_describe(err) for err in exc.errors())
+        problems = "; ".join(_describe(err, spec.params) for err in exc.errors())
         raise ScfError(f"method {name!r}: invalid params: {problems}") from None
     for key in spec.per_model_params:
         value = getattr(validated, key)
@@ -113,7 +199,7 @@ def validate_params(name: str, params: Mapping, n_models: int) -> BaseModel:
     return validated
 
 
-def _describe(err: Mapping) -> str:
+def _describe(err: Mapping, params_model: type[BaseModel]) -> str:
     """One pydantic error as ``params.<key>: <message> (got <value>)``."""
     # Drop pydantic's union-branch labels ("float", "list[float]") so the path is the user's key.
     loc = [str(part) for part in err["loc"] if not str(part).startswith(("float", "list[", "int", "bool"))]
@@ -122,5 +208,10 @@ def _describe(err: Mapping) -> str:
         return f"params: {message}"
     key = ".".join(loc)
     if err["type"] == "extra_forbidden":
-        return f"params.{key}: unknown parameter"
+        known = [field.alias or name for name, field in params_model.model_fields.items()]
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"params.{key}: unknown parameter{hint}; known: {', '.join(known)}"
+    if err["type"] == "value_error":  # our validators already quote the offending value
+        return f"params.{key}: {message}"
     return f"params.{key}: {message} (got {err.get('input')!r})"
