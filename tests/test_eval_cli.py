@@ -1,0 +1,106 @@
+"""`scf eval` and `scf zoo build` end to end: JSON report, table, bad input -> `error: ...` and exit 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from evals import toytasks
+from evals.spec import EvalReport
+from evals.zoo import save_untrained
+from flows.cli import main
+
+SAFETY = Path(__file__).parent / "data" / "safety"
+
+
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory) -> Path:
+    return save_untrained(tmp_path_factory.mktemp("models") / "untrained")
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("error: "), err
+    return err
+
+
+def test_toy_eval_writes_one_json_report(untrained, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    args = ["eval", str(untrained), "--suite", "toy", "--limit", "2", "--device", "cpu", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "toy_math" in printed and "exact_match" in printed and "refusal_rate" in printed
+
+    raw = json.loads(out.read_text())
+    report = EvalReport.model_validate(raw)
+    assert [(b.benchmark, b.metric, b.n) for b in report.benchmarks] == [
+        ("toy_math", "exact_match", 2),
+        ("toy_strings", "exact_match", 2),
+    ]
+    assert report.gen_params.max_new_tokens == toytasks.MAX_NEW_TOKENS
+    assert report.gen_params.temperature == 0.0
+    assert report.eos_token_ids == [2]
+    assert report.safety is not None and (report.safety.n_harmful, report.safety.n_benign) == (2, 2)
+    assert len(report.samples) == 8  # 2 math + 2 strings + 2 harmful + 2 benign
+    assert report.repetition.n == 8
+    assert set(report.repetition_by_benchmark) == {"toy_math", "toy_strings", "toy_safety"}
+    assert {"torch", "transformers", "lm_eval"} <= set(report.lib_versions)
+    assert set(report.metrics()) == {
+        "toy_math.exact_match",
+        "toy_strings.exact_match",
+        "repetition_rate",
+        "mean_seq_rep_4",
+        "truncation_rate",
+        "refusal_rate",
+        "over_refusal_rate",
+    }
+
+
+def test_missing_model_directory(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["eval", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert "model directory not found" in _error(capsys)
+    assert not out.exists()
+
+
+def test_model_directory_without_tokenizer(untrained, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copy(untrained / "config.json", broken)
+    assert main(["eval", str(broken)]) == 2
+    assert "has no tokenizer" in _error(capsys)
+
+
+def test_unknown_suite_lists_known_ones(untrained, capsys):
+    assert main(["eval", str(untrained), "--suite", "toys"]) == 2
+    assert "unknown suite 'toys'; known suites: toy, reasoning, paper" in _error(capsys)
+
+
+def test_safety_file_with_missing_columns(untrained, tmp_path, capsys):
+    bad = SAFETY / "harmbench_missing_columns.csv"
+    out = tmp_path / "r.json"
+    assert main(["eval", str(untrained), "--safety-data", str(bad), "--out", str(out)]) == 2
+    err = _error(capsys)
+    assert "harmbench_missing_columns.csv" in err and "FunctionalCategory, SemanticCategory" in err
+    assert not out.exists()
+
+
+def test_out_of_range_flag_is_named(untrained, capsys):
+    assert main(["eval", str(untrained), "--max-new-tokens", "0"]) == 2
+    assert "--max-new-tokens" in _error(capsys)
+
+
+def test_vllm_not_installed(untrained, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    assert main(["eval", str(untrained), "--backend", "vllm"]) == 2
+    err = _error(capsys)
+    assert "vllm package is not installed" in err and "--backend transformers" in err
+
+
+def test_suite_without_benchmarks_needs_safety_data(untrained, capsys):
+    assert main(["eval", str(untrained), "--suite", "safety"]) == 2
+    assert "needs safety data files" in _error(capsys)
