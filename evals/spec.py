@@ -8,9 +8,9 @@ score silently, lm-eval issue #3154). All models are JSON-serialisable (`model_d
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 FinishReason = Literal["stop", "length"]
 
@@ -84,14 +84,16 @@ class EvalSpec(BaseModel):
     """One evaluation run: which suite, on which backend, with which decoding and thresholds.
 
     Attributes:
-        suite: a name from `evals.suites.SUITES` (e.g. "toy", "reasoning", "paper").
+        suite: a name from `evals.suites.SUITES` (e.g. "toy", "reasoning", "paper"); an unknown
+            name is a validation error listing the known ones.
         backend: "transformers" (CPU or GPU) or "vllm" (GPU, optional extra).
         device: "auto" (CUDA when available), "cpu" or "cuda".
         dtype: weights dtype for loading ("auto" = the checkpoint's own dtype).
         limit: at most this many samples per benchmark; None = every sample.
         gen: decoding settings, used by every benchmark of the suite (lm-eval tasks keep their
-            own stop sequences; `gen.max_new_tokens` replaces their max_gen_toks). None: the
-            suite's `default_gen` (the resolved value is recorded in `EvalReport.gen_params`).
+            own stop sequences; `gen.max_new_tokens` replaces their max_gen_toks). Left out (or
+            None), it is filled with the suite's `default_gen` when the spec is built, so
+            `spec.gen` always holds the settings actually used.
         toy_seed: seed of the toy test sets (`evals.toytasks.test_set`).
         loop: thresholds of the `looping` flag.
         safety: harmful / benign prompt files (real suites); the toy suite brings its own.
@@ -107,13 +109,26 @@ class EvalSpec(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     limit: int | None = Field(default=None, ge=1)
-    gen: GenParams | None = None
+    gen: GenParams  # filled from the suite's default_gen when left out (see _fill_suite_defaults)
     toy_seed: int = 0
     loop: LoopThresholds = LoopThresholds()
     safety: SafetyData = SafetyData()
     chat_template: bool = True
     judge: str = "matcher"
     keep_samples: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_suite_defaults(cls, data: Any) -> Any:
+        """Check the suite name and give `gen` the suite's default decoding when it is left out."""
+        from evals.suites import get_suite  # suites build on this module: import when validating
+
+        if not isinstance(data, dict):
+            return data
+        suite = get_suite(data.get("suite", "toy"))  # EvalError (a ValueError): pydantic names the field
+        if data.get("gen") is None:
+            data = {**data, "gen": suite.default_gen}
+        return data
 
 
 class BenchmarkScore(BaseModel):

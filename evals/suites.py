@@ -137,7 +137,7 @@ def evaluate(model: str | Path, spec: EvalSpec, *, progress: bool = True) -> Eva
     started = time.perf_counter()
     suite = get_suite(spec.suite)
     model_dir = check_model_dir(model)
-    gen = spec.gen if spec.gen is not None else suite.default_gen
+    gen = spec.gen
     # Read every input before loading a model, so bad input fails fast.
     prompts = _safety_prompts(suite, spec)
     backend = load_backend(

@@ -104,3 +104,19 @@ def test_vllm_not_installed(untrained, monkeypatch, capsys):
 def test_suite_without_benchmarks_needs_safety_data(untrained, capsys):
     assert main(["eval", str(untrained), "--suite", "safety"]) == 2
     assert "needs safety data files" in _error(capsys)
+
+
+def test_spec_takes_the_suites_decoding_unless_given():
+    from pydantic import ValidationError
+
+    from evals.spec import EvalSpec, GenParams
+    from evals.suites import SUITES
+
+    assert EvalSpec(suite="toy").gen == SUITES["toy"].default_gen
+    assert EvalSpec(suite="toy").gen.max_new_tokens == toytasks.MAX_NEW_TOKENS
+    assert EvalSpec(suite="reasoning").gen.max_new_tokens == 1024
+    assert EvalSpec(gen=GenParams(max_new_tokens=5)).gen.max_new_tokens == 5
+    spec = EvalSpec(suite="toy", limit=3)
+    assert EvalSpec.model_validate_json(spec.model_dump_json()) == spec
+    with pytest.raises(ValidationError, match="unknown suite 'nope'; known suites: toy"):
+        EvalSpec(suite="nope")
