@@ -81,7 +81,7 @@ def test_a_missing_section_is_named(tmp_path: Path) -> None:
 
 def test_an_unknown_method_suggests_the_closest(tmp_path: Path) -> None:
     message = _error(tmp_path, candidates=[{"method": "linaer"}])
-    assert "candidates.0: unknown merge method 'linaer'; did you mean 'linear'?" in message
+    assert "candidates.0: unknown merge method 'linaer'; did you mean 'linear'" in message
 
 
 def test_bad_method_params_are_caught_at_load_time(tmp_path: Path) -> None:
