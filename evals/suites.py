@@ -32,7 +32,7 @@ from evals import toytasks
 from evals.backends import load_backend
 from evals.backends.base import Backend, check_model_dir
 from evals.errors import EvalError
-from evals.reasoning import hf_lm, prepare_toy_tasks, run_lm_eval, vllm_model_args
+from evals.reasoning import LmEvalRun, hf_lm, prepare_toy_tasks, run_lm_eval, vllm_model_args
 from evals.repetition import repetition_stats, score_sample
 from evals.safety import MatcherJudge, ModelJudge, RefusalJudge, SafetyPrompt, load_prompts, safety_scores
 from evals.spec import EvalReport, EvalSpec, GenParams, SafetyScores, Sample
@@ -148,7 +148,7 @@ def evaluate(model: str | Path, spec: EvalSpec, *, progress: bool = True) -> Eva
         chat_template=spec.chat_template,
         seed=gen.seed,
     )
-    eos_ids, device = backend.eos_token_ids, backend.device
+    eos_ids, device, tokenizer = backend.eos_token_ids, backend.device, backend.tokenizer
     samples: list[Sample] = []
     safety = None
     if prompts:
@@ -156,10 +156,15 @@ def evaluate(model: str | Path, spec: EvalSpec, *, progress: bool = True) -> Eva
         samples += safety_samples
     scores = []
     if suite.lm_eval_tasks:
-        run = _run_lm_eval(backend, model_dir, suite, spec, gen)
+        if spec.backend == "transformers":
+            lm, model_args = hf_lm(backend, gen), None  # the same loaded model serves lm-eval
+        else:
+            # lm-eval's vLLM model starts its own engine: release ours first (GPU memory).
+            backend = None
+            _free_gpu()
+            lm, model_args = "vllm", vllm_model_args(model_dir, spec.dtype, gen)
+        run = _run_lm_eval(lm, model_args, tokenizer, device, suite, spec)
         scores, samples = run.scores, samples + run.samples
-    del backend
-    gc.collect()
     benchmarks = sorted({s.benchmark for s in samples})
     return EvalReport(
         model=str(model_dir),
@@ -246,28 +251,24 @@ def _run_safety(
     return safety_scores(prompts, refused, judge.name), samples
 
 
-def _run_lm_eval(backend: Backend, model_dir: Path, suite: Suite, spec: EvalSpec, gen: GenParams):
+def _run_lm_eval(
+    lm, model_args: dict | None, tokenizer, device: str, suite: Suite, spec: EvalSpec
+) -> LmEvalRun:
     include_path = prepare_toy_tasks(seed=spec.toy_seed) if suite.toy else None
-    common = dict(
-        gen=gen,
+    return run_lm_eval(
+        lm,
+        suite.lm_eval_tasks,
+        model_args=model_args,
+        gen=spec.gen,
         limit=spec.limit,
         loop=spec.loop,
         chat_template=spec.chat_template,
-        tokenizer=backend.tokenizer,
-        device=backend.device,
+        tokenizer=tokenizer,
+        device=device,
         include_path=include_path,
         include_defaults=not suite.toy,
         unsafe_code=suite.unsafe_code,
     )
-    if spec.backend == "transformers":
-        return run_lm_eval(hf_lm(backend, gen), suite.lm_eval_tasks, **common)
-    # lm-eval's vLLM model starts its own engine: release ours first (GPU memory).
-    tokenizer = backend.tokenizer
-    del backend
-    _free_gpu()
-    common["tokenizer"] = tokenizer
-    model_args = vllm_model_args(model_dir, spec.dtype, gen)
-    return run_lm_eval("vllm", suite.lm_eval_tasks, model_args=model_args, **common)
 
 
 def _free_gpu() -> None:
