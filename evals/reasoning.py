@@ -103,8 +103,14 @@ def hf_lm(backend, gen: GenParams):
     """
     from lm_eval.models.huggingface import HFLM
 
+    _quiet_lm_eval()
     backend.model.generation_config = backend.generation_config(gen)
     return HFLM(pretrained=backend.model, tokenizer=backend.tokenizer, batch_size=gen.batch_size)
+
+
+def _quiet_lm_eval() -> None:
+    # lm-eval warns about our own explicit choices (gen_kwargs "from the cli", a preloaded model).
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
 
 
 def vllm_model_args(model_dir: Path, dtype: str, gen: GenParams) -> dict:
@@ -181,7 +187,7 @@ def run_lm_eval(
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    _quiet_lm_eval()
     include = str(include_path) if include_path else None
     manager = TaskManager(include_path=include, include_defaults=include_defaults)
     for task in tasks:
