@@ -447,8 +447,8 @@ def fraction_from(fused: torch.Tensor, models: list[torch.Tensor]) -> dict[str, 
 
     Args:
         fused: the fused tensor as written (output dtype).
-        models: ``[base, *secondaries]`` (float32, same shape). An element equal to several
-            models counts for the first of them.
+        models: ``[base, *secondaries]`` (float32, same shape), compared after rounding to the
+            output dtype. An element equal to several models counts for the first of them.
 
     Returns:
         ``{"base": f, "secondary_0": f, ..., "neither": f}``, summing to 1.
@@ -459,7 +459,9 @@ def fraction_from(fused: torch.Tensor, models: list[torch.Tensor]) -> dict[str, 
     for fused_chunk, *model_chunks in chunks:
         unclaimed = torch.ones_like(fused_chunk, dtype=torch.bool)
         for i, model_chunk in enumerate(model_chunks):
-            claimed = unclaimed & (fused_chunk == model_chunk)
+            # Compared in the output dtype: with --dtype narrower than the inputs, a copied value
+            # is the input rounded to it.
+            claimed = unclaimed & (fused_chunk == model_chunk.to(fused_chunk.dtype))
             counts[i] += int(claimed.count_nonzero())
             unclaimed &= ~claimed
         counts[-1] += int(unclaimed.count_nonzero())

@@ -116,6 +116,8 @@ def test_every_method_matches_its_function(method: str, pair: tuple[Path, list[P
     shares = report["totals"]["fraction_from"]
     assert set(shares) == {"base", "secondary_0", "secondary_1", "neither"}
     assert sum(shares.values()) == pytest.approx(1.0)
+    if method.startswith("scf_"):  # discrete composition: every value is one parent's
+        assert shares["neither"] == 0.0 and 0.0 < shares["secondary_0"] < 0.5
 
 
 def test_dtype_cast_and_integer_passthrough(tmp_path: Path) -> None:
