@@ -149,7 +149,7 @@ class ScriptedBackend(Backend):
         self.answers = answers
         self.seen: list[str] = []
 
-    def generate(self, prompts, params):
+    def generate(self, prompts, params, *, progress=False):
         self.seen += list(prompts)
         return [Generation(text=a, token_ids=[], finish_reason="stop") for a in self.answers[: len(prompts)]]
 

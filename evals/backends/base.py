@@ -40,12 +40,15 @@ class Backend(ABC):
     name: str = "backend"
 
     @abstractmethod
-    def generate(self, prompts: Sequence[str], params: GenParams) -> list[Generation]:
+    def generate(
+        self, prompts: Sequence[str], params: GenParams, *, progress: bool = False
+    ) -> list[Generation]:
         """Generate one continuation per prompt.
 
         Args:
             prompts: user messages (the chat template, when used, is applied by the backend).
             params: decoding settings.
+            progress: show a progress bar.
 
         Returns:
             One `Generation` per prompt, in the same order.
