@@ -157,7 +157,7 @@ def select(ctx: RunContext, wanted: str | None) -> list[CandidatePlan]:
 
 
 def evaluate_parents(ctx: RunContext) -> list[ModelResult]:
-    """Evaluate base and secondaries concurrently (cached across candidates and runs), then log and store."""
+    """Evaluate base and secondaries (``concurrency`` at once, cached across runs); log and store them."""
     config = ctx.config
     jobs = []
     for role in config.sources.parents():
@@ -171,6 +171,8 @@ def evaluate_parents(ctx: RunContext) -> list[ModelResult]:
         )
         key = steps.eval_key(source.fingerprint, config.eval)
         cached = steps.is_cached(ctx.storage, key)
+        if len(jobs) >= config.concurrency:  # at most `concurrency` evaluations in flight
+            jobs[-config.concurrency][1].wait()
         evaluate = steps.bind(steps.evaluate_model, ctx.storage)
         future = evaluate.submit(source.path, config.eval, record.label, key)
         jobs.append((record, future, cached))

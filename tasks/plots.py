@@ -76,14 +76,14 @@ def parameter_sources(fractions: dict[str, dict[str, float]], out: Path) -> Path
     """
     labels = list(fractions)
     origins = sorted({origin for shares in fractions.values() for origin in shares}, key=_origin_order)
-    fig, ax = plt.subplots(figsize=(6, 0.4 * len(labels) + 1.5))
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(labels) + 1.5))
     left = [0.0] * len(labels)
     for origin in origins:
         shares = [100 * fractions[label].get(origin, 0.0) for label in labels]
         ax.barh(labels, shares, left=left, label=origin)
         left = [a + b for a, b in zip(left, shares, strict=True)]
     ax.set_xlabel("share of parameters (%)")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.tick_params(labelsize=7)
     ax.set_title("Parameter source distribution", fontsize=10)
     return _save(fig, out)
