@@ -10,10 +10,8 @@ import pytest
 import yaml
 from prefect.testing.utilities import prefect_test_harness
 
-from tasks import results_db, tracking
+from tasks import results_db, steps, tracking
 from tasks.config import load_config
-
-pytestmark = pytest.mark.slow
 
 CANDIDATES = [
     {"method": "scf_rkl", "params": {"alpha": 1.5}},
@@ -84,6 +82,7 @@ def two_runs(tiny_zoo: Path, prefect_server: None, tmp_path_factory: pytest.Temp
     }
 
 
+@pytest.mark.slow
 def test_every_candidate_and_parent_is_stored_with_every_benchmark(two_runs: dict) -> None:
     config = two_runs["config"]
     counts = two_runs["counts_first"]
@@ -98,6 +97,7 @@ def test_every_candidate_and_parent_is_stored_with_every_benchmark(two_runs: dic
     assert counts["scores"] == sum(len(entry["scores"]) for entry in entries)
 
 
+@pytest.mark.slow
 def test_every_candidate_has_a_gate_decision_with_reasons(two_runs: dict) -> None:
     first = two_runs["first"]
     assert [c["label"] for c in first["candidates"]] == ["scf_rkl", "linear", "ties"]
@@ -109,6 +109,7 @@ def test_every_candidate_has_a_gate_decision_with_reasons(two_runs: dict) -> Non
     assert (first["promoted"] is not None) == ("promoted" in decisions)
 
 
+@pytest.mark.slow
 def test_mlflow_has_nested_runs_with_metrics_and_artifacts(two_runs: dict) -> None:
     config = two_runs["config"]
     first = two_runs["first"]
@@ -148,6 +149,7 @@ def test_mlflow_has_nested_runs_with_metrics_and_artifacts(two_runs: dict) -> No
             assert child.data.tags["gate.decision"] in {"promoted", "passed", "rejected"}
 
 
+@pytest.mark.slow
 def test_the_champion_is_registered_and_losers_are_deleted(two_runs: dict) -> None:
     config = two_runs["config"]
     first = two_runs["first"]
@@ -158,6 +160,7 @@ def test_the_champion_is_registered_and_losers_are_deleted(two_runs: dict) -> No
         assert tracking.champion_source(config.mlflow_uri, "e2e") == str(candidates_dir / first["champion"])
 
 
+@pytest.mark.slow
 def test_a_second_run_reuses_every_merge_and_evaluation(two_runs: dict) -> None:
     second = two_runs["second"]
     assert [(c["merge_cached"], c["eval_cached"]) for c in second["candidates"]] == [(True, True)] * 3
@@ -168,6 +171,7 @@ def test_a_second_run_reuses_every_merge_and_evaluation(two_runs: dict) -> None:
     assert second["champion"] == two_runs["first"]["champion"]
 
 
+@pytest.mark.slow
 def test_scf_results_prints_the_leaderboard(two_runs: dict, capsys: pytest.CaptureFixture[str]) -> None:
     from flows.cli import main
 
@@ -177,3 +181,21 @@ def test_scf_results_prints_the_leaderboard(two_runs: dict, capsys: pytest.Captu
     for label in ("scf_rkl", "linear", "ties", "base=math", "secondary_0=strings"):
         assert label in out
     assert all(key in out for key in BENCHMARKS)
+
+
+@pytest.mark.slow
+def test_a_deleted_merge_is_redone_when_its_evaluation_must_run(two_runs: dict) -> None:
+    """A loser's weights are gone but its merge result is cached: when its evaluation has to run again
+    (here: its cached evaluation is dropped, as after a crash), the merge must run again too."""
+    from flows.nightly import nightly
+
+    config = two_runs["config"]
+    losers = [c for c in two_runs["second"]["candidates"] if c["id"] != two_runs["second"]["champion"]]
+    loser = losers[0]
+    assert not (config.workdir / "candidates" / loser["id"]).exists()
+    (config.workdir / "prefect-results" / steps.eval_key(loser["id"], config.eval)).unlink()
+    third = nightly(config_path=str(two_runs["config_path"]))
+    redone = {c["id"]: (c["merge_cached"], c["eval_cached"]) for c in third["candidates"]}
+    assert redone[loser["id"]] == (False, False)
+    assert all(flags == (True, True) for cid, flags in redone.items() if cid != loser["id"])
+    assert results_db.row_counts(config.duckdb_path) == two_runs["counts_first"]
