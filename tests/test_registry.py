@@ -1,0 +1,89 @@
+"""The method registry: lookup with suggestions, parameter validation that names the key."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scf.errors import ScfError
+from scf.methods.base import TensorInputs
+from scf.methods.registry import METHODS, MethodSpec, get_method, validate_params
+
+EXPECTED = {"scf_rkl", "scf_kl", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "sce"}
+
+
+def test_every_method_is_registered_with_a_complete_spec() -> None:
+    assert set(METHODS) == EXPECTED
+    for name, spec in METHODS.items():
+        assert isinstance(spec, MethodSpec) and spec.name == name
+        assert spec.reference_url.startswith("https://") and spec.summary
+        assert set(spec.per_model_params) <= set(spec.params.model_fields)
+        assert spec.needs_reference == (name not in {"scf_rkl", "scf_kl", "linear"})
+
+
+def test_get_method_suggests_close_names() -> None:
+    assert get_method("scf_rkl") is METHODS["scf_rkl"]
+    suggestion = r"unknown merge method 'scf-rkl'; did you mean 'scf_rkl'.*available: "
+    with pytest.raises(ScfError, match=suggestion):
+        get_method("scf-rkl")
+    with pytest.raises(ScfError, match=r"unknown merge method 'qqq'; available: dare_linear, dare_ties"):
+        get_method("qqq")
+
+
+def test_defaults_are_mergekits_and_the_papers() -> None:
+    assert validate_params("scf_rkl", {}, 2).model_dump() == {
+        "eps": 1e-8, "q_low": 0.25, "q_center": 0.5, "q_high": 0.75, "alpha": 1.5,
+    }  # fmt: skip
+    ties = validate_params("ties", {}, 2)
+    assert (ties.normalize, ties.rescale, ties.density, ties.lambda_) == (True, False, 1.0, 1.0)
+    dare = validate_params("dare_ties", {}, 2)
+    assert (dare.normalize, dare.rescale) == (False, True)
+    task = validate_params("task_arithmetic", {"lambda": 0.5}, 2)
+    assert (task.normalize, task.lambda_) == (False, 0.5)
+    assert task.model_dump()["lambda"] == 0.5  # reported under the config key
+    assert validate_params("sce", {}, 2).select_topk == 1.0
+    assert validate_params("linear", {}, 3).normalize is True
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "message"),
+    [
+        ("scf_rkl", {"alpha": -1}, r"params\.alpha: Input should be greater than or equal to 0"),
+        ("scf_rkl", {"q_low": 0.8, "q_high": 0.6}, r"q_low <= q_center <= q_high.*q_low=0\.8"),
+        ("scf_rkl", {"q_high": 1.5}, r"params\.q_high: Input should be less than or equal to 1"),
+        ("scf_rkl", {"eps": 0}, r"params\.eps: Input should be greater than 0"),
+        ("ties", {"density": 1.7}, r"params\.density: must be in \(0\.0, 1\.0\], got 1\.7"),
+        ("dare_linear", {"density": [0.5, -0.1]}, r"params\.density: must be in .* got -0\.1"),
+        ("sce", {"select_topk": 0}, r"params\.select_topk: Input should be greater than 0"),
+        ("scf_rkl", {"apha": 2}, r"params\.apha: unknown parameter \(did you mean 'alpha'\?\)"),
+        ("linear", {"weight": [1, -1]}, r"weights sum to 0"),
+        ("ties", {"lambda": "big"}, r"params\.lambda: Input should be a valid number"),
+    ],
+)
+def test_bad_params_name_the_method_and_key(name: str, params: dict, message: str) -> None:
+    with pytest.raises(ScfError, match=rf"method '{name}': invalid params: .*{message}"):
+        validate_params(name, params, n_models=2)
+
+
+PER_MODEL = [("linear", "weight"), ("ties", "density"), ("dare_ties", "weight")]
+
+
+@pytest.mark.parametrize(("name", "key"), PER_MODEL)
+def test_per_model_list_must_have_one_value_per_model(name: str, key: str) -> None:
+    assert getattr(validate_params(name, {key: [0.5, 0.5, 0.5]}, n_models=3), key) == [0.5, 0.5, 0.5]
+    wrong_length = rf"method '{name}': params\.{key} has 3 values but there are 2 models"
+    with pytest.raises(ScfError, match=wrong_length):
+        validate_params(name, {key: [0.5, 0.5, 0.5]}, n_models=2)
+
+
+def test_unknown_method_in_validate_params() -> None:
+    with pytest.raises(ScfError, match="unknown merge method 'tie'; did you mean 'ties'"):
+        validate_params("tie", {}, n_models=2)
+
+
+def test_validated_params_drive_the_method() -> None:
+    # the registry's fn accepts exactly the model validate_params returns
+    x = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    inputs = TensorInputs(name="x", base=x, secondaries=[x * 3])
+    fused = get_method("linear").fn(inputs, validate_params("linear", {"weight": [3, 1]}, 2))
+    assert torch.equal(fused, x * 1.5)
