@@ -604,6 +604,11 @@ def _bf16_ordinal(t: torch.Tensor) -> torch.Tensor:
     return torch.where(bits < 0, -(bits & 0x7FFF), bits)
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bit patterns of a tensor, as an integer tensor of the same element size."""
+    return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
 def compare_outputs(
     ours: Path, theirs: Path, family: SyntheticFamily | None = None, *, progress: bool = True
 ) -> Comparison:
@@ -626,17 +631,19 @@ def compare_outputs(
     for name in tqdm(common, desc="compare with mergekit", unit="tensor", disable=not progress):
         x = a.get(name)
         y = b.get(name).to(x.dtype)
-        diff = (x.float() - y.float()).abs()
-        result.max_abs_diff = max(result.max_abs_diff, float(diff.max()))
-        if x.dtype == torch.bfloat16:
-            ulps = int(bf16_ulp_distance(x, y).max())
-            result.max_ulp = max(result.max_ulp, ulps)
-            result.tensors_over_1ulp += ulps > 1
+        differ = _bits(x) != _bits(y)  # integer compares: fast, and exactly "not bit-identical"
         n_total += x.numel()
-        n_differ += int((diff > 0).sum())
+        n_differ += int(differ.count_nonzero())
+        if differ.any():  # measure only the differing elements
+            xd, yd = x[differ], y[differ]
+            result.max_abs_diff = max(result.max_abs_diff, float((xd.float() - yd.float()).abs().max()))
+            if x.dtype == torch.bfloat16:
+                ulps = int(bf16_ulp_distance(xd, yd).max())
+                result.max_ulp = max(result.max_ulp, ulps)
+                result.tensors_over_1ulp += ulps > 1
         if parents:
-            base, secondary = (p.get(name) for p in parents)
-            n_neither += int(((y != base) & (y != secondary)).sum())
+            base, secondary = (_bits(p.get(name)) for p in parents)
+            n_neither += int(((_bits(y) != base) & (_bits(y) != secondary)).count_nonzero())
     result.frac_elements_differ = n_differ / max(n_total, 1)
     result.frac_neither = n_neither / max(n_total, 1)
     return result
