@@ -27,6 +27,8 @@ from scf.quantile import quantiles
 
 # The paper ("Beyond Parameter Arithmetic: Sparse Complementary Fusion for Distribution-Aware Model
 # Merging", Lin et al., 2026); its arXiv id is not in our copy, so this is a title search.
+_SELECT_CHUNK = 1 << 18  # elements per step of the final select
+
 SCF_RKL_URL = (
     "https://arxiv.org/search/?searchtype=title&query="
     "Sparse+Complementary+Fusion+for+Distribution-Aware+Model+Merging"
@@ -105,6 +107,30 @@ def threshold(importance_values: torch.Tensor, params: ScfParams) -> float:
     return float(tau32)
 
 
+def _threshold(name: str, scores: torch.Tensor, params: ScfParams) -> float:
+    """``threshold`` with errors (inf/NaN weights) naming the tensor."""
+    try:
+        return threshold(scores, params)
+    except ScfError as exc:
+        raise ScfError(f"tensor {name!r}: {exc}") from None
+
+
+def _take_where_important_(
+    scores: torch.Tensor, tau: float, secondary: torch.Tensor, base: torch.Tensor
+) -> torch.Tensor:
+    """``scores <- where(scores >= tau, secondary, base)`` in place, a chunk at a time.
+
+    Chunks keep the mask small and in cache instead of a full-size boolean tensor.
+    """
+    flat_scores, flat_secondary, flat_base = scores.view(-1), secondary.reshape(-1), base.reshape(-1)
+    mask = torch.empty(min(flat_scores.numel(), _SELECT_CHUNK), dtype=torch.bool, device=scores.device)
+    for start in range(0, flat_scores.numel(), _SELECT_CHUNK):
+        chunk = slice(start, start + _SELECT_CHUNK)
+        take = torch.ge(flat_scores[chunk], tau, out=mask[: flat_scores[chunk].numel()])
+        torch.where(take, flat_secondary[chunk], flat_base[chunk], out=flat_scores[chunk])
+    return scores
+
+
 def _scf(inputs: TensorInputs, params: ScfParams, *, reverse: bool) -> torch.Tensor:
     """Shared body of scf_rkl / scf_kl."""
     base = inputs.base
@@ -112,18 +138,17 @@ def _scf(inputs: TensorInputs, params: ScfParams, *, reverse: bool) -> torch.Ten
         raise ScfError(f"tensor {inputs.name!r}: SCF needs at least one secondary model")
     if base.dim() == 0:  # a scalar has no distribution: keep the base
         return base.clone()
-    several = len(inputs.secondaries) > 1
+    if len(inputs.secondaries) == 1:
+        (secondary,) = inputs.secondaries
+        scores = importance(base, secondary, eps=params.eps, reverse=reverse)
+        return _take_where_important_(scores, _threshold(inputs.name, scores, params), secondary, base)
     fused: torch.Tensor | None = None
     winner: torch.Tensor | None = None  # importance of the secondary chosen so far, per element
     for secondary in inputs.secondaries:
         scores = importance(base, secondary, eps=params.eps, reverse=reverse)
-        try:
-            take = scores >= threshold(scores, params)  # (same shape as base)
-        except ScfError as exc:
-            raise ScfError(f"tensor {inputs.name!r}: {exc}") from None
+        take = scores >= _threshold(inputs.name, scores, params)  # (same shape as base)
         if fused is None:
-            if several:
-                winner = torch.where(take, scores, -1.0)  # importance is >= 0, so -1 never wins
+            winner = torch.where(take, scores, -1.0)  # importance is >= 0, so -1 never wins
             fused = torch.where(take, secondary, base, out=scores)  # reuse the importance buffer
             continue
         take &= scores > winner
