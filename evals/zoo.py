@@ -1,20 +1,43 @@
 """The toy model zoo: tiny Llama-architecture models trained here on CPU, saved like real checkpoints.
 
-``base`` is trained on generic toy text plus a little of every task; the specialists are fine-tuned
-from it: ``math``, ``strings``, ``safety`` and ``weak`` (a deliberately under-trained math
+``base`` is trained on generic toy text plus a little of every task (benign safety prompts only, so
+it complies with everything, like a pretrained model); the specialists are fine-tuned from it on
+their task only: ``math``, ``strings``, ``safety`` and ``weak`` (a deliberately under-trained math
 specialist, for strong-weak merges). All share the tokenizer and architecture, so they merge.
+
+Layout of a zoo directory::
+
+    <out>/zoo_card.json               build hash, settings, every model x every metric
+    <out>/<model>/model.safetensors   + config.json, generation_config.json, tokenizer files
+    <out>/<model>/model_card.json     how it was trained and its scores
+
+Example:
+    >>> zoo = build_zoo(default_zoo_dir("tiny"), size="tiny")  # doctest: +SKIP
+    >>> AutoModelForCausalLM.from_pretrained(zoo / "math")  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
+from evals import toytasks
 from evals.errors import EvalError
 from evals.tokenizer import build_tokenizer
+from evals.toytasks import Example
 
 ZOO_MODELS = ("base", "math", "strings", "safety", "weak")
 SIZES = ("tiny", "small")
@@ -38,6 +61,44 @@ ARCHITECTURES = {
     "small": Architecture(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                           num_attention_heads=4, num_key_value_heads=2),
 }
+
+
+# Bump when the data, the recipe's meaning or the training code change: it invalidates built zoos.
+ZOO_VERSION = 1
+# Training runs on this many CPU threads whatever the machine: results depend on the reduction
+# order, so a fixed count makes two builds bit-identical; one thread also never oversubscribes a
+# shared CPU (two threads on a busy 2-core box were ~4x slower than one).
+ZOO_THREADS = 1
+# The base model's mixture, as shares of its batches (each batch holds one task, so short math
+# batches are not padded to the length of safety prompts). Safety: benign prompts only.
+BASE_MIXTURE = (("text", 0.55), ("math", 0.15), ("strings", 0.15), ("safety", 0.15))
+BASE_KINDS = {"safety": ("benign",)}
+SPECIALIST_TASK = {"math": "math", "strings": "strings", "safety": "safety", "weak": "math"}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How the models of one zoo size are trained (AdamW, warmup then cosine decay to 10%).
+
+    Attributes:
+        batch_size: examples per step.
+        lr: peak learning rate, base and specialists.
+        steps: optimiser steps per model (``weak`` is the under-trained one).
+    """
+
+    batch_size: int
+    lr: float
+    steps: dict[str, int] = field(default_factory=dict)
+
+
+RECIPES = {
+    "tiny": Recipe(batch_size=32, lr=3e-3,
+                   steps={"base": 300, "math": 400, "strings": 300, "safety": 120, "weak": 100}),
+    "small": Recipe(batch_size=32, lr=2e-3,
+                    steps={"base": 600, "math": 600, "strings": 400, "safety": 150, "weak": 100}),
+}
+OPTIMIZER = {"name": "AdamW", "betas": (0.9, 0.98), "weight_decay": 0.01, "clip_grad_norm": 1.0}
+WARMUP_SHARE = 0.05
 
 
 def _check_size(size: str) -> None:
@@ -135,3 +196,324 @@ def save_untrained(out: str | Path, size: str = "tiny", seed: int = 0) -> Path:
         The directory, loadable with ``AutoModelForCausalLM`` / ``AutoTokenizer``.
     """
     return save_model(init_model(size, seed), out)
+
+
+
+def default_zoo_dir(size: str = "tiny", seed: int = 0) -> Path:
+    """Where a zoo lives by default: ``$SCF_CACHE/zoo/<size>-seed<seed>``.
+
+    Args:
+        size: ``tiny`` or ``small``.
+        seed: the zoo seed.
+
+    Returns:
+        The directory (``$SCF_CACHE`` defaults to ``~/.cache/scf-pipeline``).
+    """
+    _check_size(size)
+    cache = Path(os.environ.get("SCF_CACHE", Path.home() / ".cache" / "scf-pipeline")).expanduser()
+    return cache / "zoo" / f"{size}-seed{seed}"
+
+
+def build_settings(size: str = "tiny", seed: int = 0) -> dict:
+    """Everything a zoo build depends on (its hash names the build).
+
+    Args:
+        size: ``tiny`` or ``small``.
+        seed: the zoo seed.
+
+    Returns:
+        A JSON-serialisable dict.
+    """
+    _check_size(size)
+    return {
+        "zoo_version": ZOO_VERSION,
+        "size": size,
+        "seed": seed,
+        "architecture": asdict(ARCHITECTURES[size]),
+        "recipe": asdict(RECIPES[size]),
+        "optimizer": OPTIMIZER,
+        "warmup_share": WARMUP_SHARE,
+        "base_mixture": BASE_MIXTURE,
+        "threads": ZOO_THREADS,
+        "test_size": toytasks.TEST_SIZE,
+    }
+
+
+def build_hash(size: str = "tiny", seed: int = 0) -> str:
+    """sha256 of the canonical JSON of :func:`build_settings`.
+
+    Args:
+        size: ``tiny`` or ``small``.
+        seed: the zoo seed.
+
+    Returns:
+        The hex digest.
+    """
+    canonical = json.dumps(build_settings(size, seed), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def build_zoo(
+    out: str | Path, size: str = "tiny", seed: int = 0, *, progress: bool = True, force: bool = False
+) -> Path:
+    """Build (train and score) the toy zoo into ``out``, or return at once when it is already there.
+
+    The zoo is built in a temporary sibling directory and renamed into place, so ``out`` never holds
+    half a zoo. A directory whose ``zoo_card.json`` carries the same build hash is reused.
+
+    Args:
+        out: the zoo directory.
+        size: ``tiny`` (for tests, about a minute) or ``small`` (better scores, a few minutes).
+        seed: seeds weight init and data.
+        progress: show tqdm bars (one per model).
+        force: rebuild even when ``out`` holds this build.
+
+    Returns:
+        ``out``: ``out/<model>`` for each of :data:`ZOO_MODELS`, and ``out/zoo_card.json``.
+
+    Raises:
+        EvalError: unknown size, negative seed, or ``out`` is an existing directory that is not a zoo.
+    """
+    _check_size(size)
+    if not isinstance(seed, int) or seed < 0:
+        raise EvalError(f"zoo seed must be a non-negative integer, got {seed!r}")
+    out = Path(out)
+    digest = build_hash(size, seed)
+    if not force and _is_built(out, digest):
+        return out
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "zoo_card.json").exists())):
+        raise EvalError(f"{out} exists and is not a toy zoo (no zoo_card.json); choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.building-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _build_into(tmp, size, seed, digest, progress)
+        _publish(tmp, out, digest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _is_built(out: Path, digest: str) -> bool:
+    card_path = out / "zoo_card.json"
+    if not card_path.is_file():
+        return False
+    try:
+        card = json.loads(card_path.read_text())
+    except json.JSONDecodeError:
+        return False
+    complete = all((out / name / "model.safetensors").is_file() for name in ZOO_MODELS)
+    return card.get("build_hash") == digest and complete
+
+
+def _publish(tmp: Path, out: Path, digest: str) -> None:
+    """Move a finished build into place (atomic rename); a concurrent identical build may have won."""
+    if _is_built(out, digest):
+        return
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+
+
+@contextmanager
+def _build_environment(progress: bool) -> Iterator[None]:
+    """Fixed torch threads; without progress, also no library bars (weights writing, datasets)."""
+    import datasets
+    import transformers
+
+    previous_threads = torch.get_num_threads()
+    bars_were_on = transformers.utils.logging.is_progress_bar_enabled()
+    datasets_bars_were_on = not datasets.utils.are_progress_bars_disabled()
+    torch.set_num_threads(ZOO_THREADS)
+    if not progress:
+        transformers.utils.logging.disable_progress_bar()
+        datasets.utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous_threads)
+        if bars_were_on:
+            transformers.utils.logging.enable_progress_bar()
+        if datasets_bars_were_on:
+            datasets.utils.enable_progress_bars()
+
+
+def _build_into(tmp: Path, size: str, seed: int, digest: str, progress: bool) -> None:
+    """Train every zoo model into ``tmp``, score them, write the cards."""
+    started = time.perf_counter()
+    recipe = RECIPES[size]
+    trained: dict[str, dict] = {}
+    with _build_environment(progress):
+        base = init_model(size, seed)
+        trained["base"] = _train_and_save(base, "base", recipe, seed, tmp, progress)
+        base_state = {name: tensor.clone() for name, tensor in base.state_dict().items()}
+        for name in ZOO_MODELS[1:]:
+            base.load_state_dict(base_state)  # every specialist starts from the same base weights
+            trained[name] = _train_and_save(base, name, recipe, seed, tmp, progress)
+        scores = {name: score_model(tmp / name) for name in tqdm(ZOO_MODELS, desc="zoo: scoring",
+                                                                  disable=not progress, leave=False)}
+    for name in ZOO_MODELS:
+        card = {
+            "model": name,
+            "zoo_size": size,
+            "seed": seed,
+            "build_hash": digest,
+            "parent": None if name == "base" else "base",
+            "task": "mixture" if name == "base" else SPECIALIST_TASK[name],
+            "architecture": asdict(ARCHITECTURES[size]),
+            "training": trained[name],
+            "scores": scores[name],
+            "scored_with": SCORING,
+        }
+        _write_json(tmp / name / "model_card.json", card)
+    _write_json(tmp / "zoo_card.json", {
+        "build_hash": digest,
+        "settings": build_settings(size, seed),
+        "models": list(ZOO_MODELS),
+        "scores": scores,
+        "scored_with": SCORING,
+        "seconds": round(time.perf_counter() - started, 1),
+    })
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def training_batches(name: str, recipe: Recipe, seed: int) -> list[list[Example]]:
+    """The batches a zoo model is trained on, in order (deterministic for the seed).
+
+    Args:
+        name: a zoo model name.
+        recipe: the size's recipe.
+        seed: the zoo seed.
+
+    Returns:
+        ``steps`` batches of ``batch_size`` examples; each batch holds one task.
+    """
+    steps, size = recipe.steps[name], recipe.batch_size
+    if name != "base":
+        examples = toytasks.train_examples(SPECIALIST_TASK[name], steps * size, seed)
+        return [examples[i * size : (i + 1) * size] for i in range(steps)]
+    batches: list[list[Example]] = []
+    counts = [round(share * steps) for _, share in BASE_MIXTURE]
+    counts[0] += steps - sum(counts)  # rounding remainder goes to generic text
+    for (task, _), count in zip(BASE_MIXTURE, counts, strict=True):
+        examples = toytasks.train_examples(task, count * size, seed, kinds=BASE_KINDS.get(task))
+        batches += [examples[i * size : (i + 1) * size] for i in range(count)]
+    random.Random(f"scf-zoo/base/{seed}").shuffle(batches)
+    return batches
+
+
+def _train_and_save(
+    model: LlamaForCausalLM, name: str, recipe: Recipe, seed: int, tmp: Path, progress: bool
+) -> dict:
+    started = time.perf_counter()
+    batches = training_batches(name, recipe, seed)
+    final_loss = train(model, batches, lr=recipe.lr, desc=f"zoo: {name}", progress=progress)
+    save_model(model, tmp / name)
+    examples: dict[str, int] = {}
+    for batch in batches:
+        examples[batch[0].task] = examples.get(batch[0].task, 0) + len(batch)
+    return {
+        "steps": len(batches),
+        "batch_size": recipe.batch_size,
+        "lr": recipe.lr,
+        "optimizer": OPTIMIZER,
+        "schedule": f"linear warmup over {WARMUP_SHARE:.0%} of steps, then cosine decay to 10% of lr",
+        "loss": "cross-entropy on answer tokens (and EOS) only",
+        "examples": examples,
+        "seed": seed,
+        "final_loss": round(final_loss, 4),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def train(model: LlamaForCausalLM, batches: list[list[Example]], *, lr: float, desc: str = "train",
+          progress: bool = True) -> float:
+    """Train a model in place on batches of examples, one optimiser step per batch.
+
+    Args:
+        model: the model (left in eval mode).
+        batches: the batches, in order.
+        lr: peak learning rate (warmup, then cosine decay to 10%).
+        desc: progress bar label.
+        progress: show a tqdm bar.
+
+    Returns:
+        The last batch's loss.
+    """
+    steps = len(batches)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=lr, betas=OPTIMIZER["betas"], weight_decay=OPTIMIZER["weight_decay"]
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, steps))
+    encoded = iter(_encode(batches))
+    device = model.device
+    model.train()
+    loss = torch.zeros(())
+    for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
+        input_ids, labels = next(encoded)
+        loss = model(input_ids=input_ids.to(device), labels=labels.to(device)).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIMIZER["clip_grad_norm"])
+        optimizer.step()
+        scheduler.step()
+    model.eval()
+    return float(loss.item())
+
+
+def _lr_factor(step: int, steps: int) -> float:
+    warmup = max(1, round(WARMUP_SHARE * steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _encode(batches: list[list[Example]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Per batch: right-padded input ids [batch, length] and labels (-100 off the answer)."""
+    tokenizer = build_tokenizer()
+    for batch in batches:
+        pairs = [toytasks.training_text(example) for example in batch]
+        contexts = tokenizer([c for c, _ in pairs], add_special_tokens=False)["input_ids"]
+        answers = tokenizer([a for _, a in pairs], add_special_tokens=False)["input_ids"]
+        length = max(len(c) + len(a) for c, a in zip(contexts, answers, strict=True))
+        # Right padding needs no attention mask: causal attention never looks ahead at the pads.
+        input_ids = torch.full((len(batch), length), tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), length), -100, dtype=torch.long)
+        for row, (context, answer) in enumerate(zip(contexts, answers, strict=True)):
+            end = len(context) + len(answer)
+            input_ids[row, :end] = torch.tensor(context + answer)
+            labels[row, len(context) : end] = torch.tensor(answer)
+        yield input_ids, labels
+
+
+# How the cards' scores are computed: `scf eval MODEL --suite toy --device cpu` gives the same numbers.
+SCORING = {"function": "evals.suites.evaluate", "suite": "toy", "device": "cpu", "toy_seed": 0,
+           "decoding": "greedy", "max_new_tokens": toytasks.MAX_NEW_TOKENS}
+CARD_METRICS = ("toy_math.exact_match", "toy_strings.exact_match", "refusal_rate", "over_refusal_rate",
+                "repetition_rate")
+
+
+def score_model(model_dir: str | Path) -> dict[str, float]:
+    """Score a model on the toy suite through the same path as ``scf eval --suite toy --device cpu``.
+
+    Args:
+        model_dir: a model directory.
+
+    Returns:
+        ``{metric: value}`` for :data:`CARD_METRICS`.
+    """
+    from evals.spec import EvalSpec  # lm-eval behind it: import only when scoring
+    from evals.suites import evaluate
+
+    spec = EvalSpec(suite=SCORING["suite"], device=SCORING["device"], toy_seed=SCORING["toy_seed"],
+                    keep_samples=False)
+    metrics = evaluate(model_dir, spec, progress=False).metrics()
+    return {name: metrics[name] for name in CARD_METRICS}
