@@ -148,3 +148,23 @@ def test_labels_name_what_differs_between_candidates_of_a_method(tmp_path: Path)
     assert [c.label for c in config.expand()] == ["linear-weight=0.3", "linear-weight=0.5"]
     single = load_config(_write(tmp_path, candidates=[{"method": "linear"}]))
     assert [c.label for c in single.expand()] == ["linear"]
+
+
+@pytest.mark.parametrize("command", ["nightly", "run"])
+def test_the_cli_rejects_a_bad_config_before_running_anything(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flows.cli import main
+
+    path = _write(tmp_path, merge={"device": "tpu"})
+    assert main([command, "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "merge.device: Input should be 'auto', 'cpu' or 'cuda'" in err
+    assert not (tmp_path / ".scf").exists()
+
+
+def test_scf_results_needs_a_config_or_a_database(capsys: pytest.CaptureFixture[str]) -> None:
+    from flows.cli import main
+
+    assert main(["results"]) == 2
+    assert "error: scf results needs --config" in capsys.readouterr().err

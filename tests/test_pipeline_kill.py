@@ -29,7 +29,7 @@ def prefect_server():
         yield PREFECT_API_URL.value()
 
 
-def _kill_mid_merge(config_path: Path, candidates_dir: Path, api_url: str) -> None:
+def _kill_mid_merge(config_path: Path, candidates_dir: Path, api_url: str, log: Path) -> None:
     """Start `scf nightly` in a subprocess and SIGKILL it while a merge's temporary directory exists."""
     env = {**os.environ, "PREFECT_API_URL": api_url}
     proc = subprocess.Popen(
@@ -47,7 +47,8 @@ def _kill_mid_merge(config_path: Path, candidates_dir: Path, api_url: str) -> No
                 proc.wait(timeout=30)
                 return
             time.sleep(0.002)
-        pytest.fail(f"no merge in progress was seen (exit code {proc.poll()})")
+        tail = log.read_text()[-3000:]
+        pytest.fail(f"no merge in progress was seen (exit code {proc.poll()}); log tail:\n{tail}")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -79,7 +80,7 @@ def test_a_killed_run_leaves_no_partial_model_and_the_rerun_completes(
     config_path = write_config(tmp_path, name="kill", keep_candidates=True)
     config = load_config(config_path)
     candidates_dir = config.workdir / "candidates"
-    _kill_mid_merge(config_path, candidates_dir, prefect_server)
+    _kill_mid_merge(config_path, candidates_dir, prefect_server, tmp_path / "killed-run.log")
 
     # Killed: every model directory at its final name is complete; the rest is a hidden temporary.
     for path in candidates_dir.iterdir():
