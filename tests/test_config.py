@@ -152,10 +152,11 @@ def test_labels_name_what_differs_between_candidates_of_a_method(tmp_path: Path)
 
 @pytest.mark.parametrize("command", ["nightly", "run"])
 def test_the_cli_rejects_a_bad_config_before_running_anything(
-    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from flows.cli import main
 
+    monkeypatch.chdir(tmp_path)
     path = _write(tmp_path, merge={"device": "tpu"})
     assert main([command, "--config", str(path)]) == 2
     err = capsys.readouterr().err
