@@ -1,0 +1,357 @@
+"""Deployments: prefect.yaml on a real Prefect server, and the docker-compose stack's shape.
+
+The slow test does what docs/deploy.md tells a user to do, on loopback with a private
+PREFECT_HOME: `prefect server start`, `prefect work-pool create`, `prefect deploy --all` from
+the checkout, the worker started by docker/worker-entrypoint.sh (the compose worker's command),
+then a run of the on-demand deployment triggered through the API, on the tiny toy zoo.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+from prefect import get_client
+from prefect.deployments import run_deployment
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from tasks import results_db
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent  # the venv's `prefect` and `python`
+POOL = "scf"  # the process pool prefect.yaml's deployments target
+
+PROCESS_START_S = 120  # server or worker, on 2 busy cores
+CLI_TIMEOUT_S = 120
+RUN_TIMEOUT_S = 240
+
+
+def _load_yaml(name: str) -> dict:
+    return yaml.safe_load((REPO / name).read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# prefect.yaml, docker-compose.yml, Dockerfile: what a user relies on before running anything
+# ---------------------------------------------------------------------------------------------
+
+
+def test_prefect_yaml_has_nightly_cron_and_on_demand_deployments() -> None:
+    deployments = {d["name"]: d for d in _load_yaml("prefect.yaml")["deployments"]}
+
+    assert set(deployments) == {"nightly", "merge-and-evaluate"}
+    assert deployments["nightly"]["entrypoint"] == "flows/nightly.py:nightly"
+    assert deployments["merge-and-evaluate"]["entrypoint"] == "flows/merge_eval.py:merge_and_evaluate"
+    assert deployments["nightly"]["schedules"] == [{"cron": "0 2 * * *", "timezone": "UTC", "active": True}]
+    assert "schedules" not in deployments["merge-and-evaluate"]
+    for deployment in deployments.values():
+        assert deployment["work_pool"]["name"] == POOL
+        config = deployment["parameters"]["config_path"]
+        assert config.startswith("configs/") and (REPO / config).is_file(), config
+
+
+def test_compose_services_wait_for_healthy_dependencies() -> None:
+    services = _load_yaml("docker-compose.yml")["services"]
+
+    assert set(services) == {"postgres", "prefect-server", "mlflow", "worker"}
+    for name, service in services.items():
+        assert service["healthcheck"]["test"], f"{name} has no healthcheck"
+        for dependency, condition in service.get("depends_on", {}).items():
+            assert dependency in services, f"{name} depends on unknown service {dependency}"
+            assert condition == {"condition": "service_healthy"}, f"{name} -> {dependency}"
+    assert services["prefect-server"]["depends_on"].keys() == {"postgres"}
+    assert services["mlflow"]["depends_on"].keys() == {"postgres"}
+    assert services["worker"]["depends_on"].keys() == {"prefect-server", "mlflow"}
+
+
+def test_compose_stores_live_in_postgres_and_the_worker_gets_the_gpus() -> None:
+    services = _load_yaml("docker-compose.yml")["services"]
+
+    database_url = services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
+    assert database_url.startswith("postgresql+asyncpg://") and "@postgres:5432/prefect" in database_url
+    mlflow_args = services["mlflow"]["command"]
+    assert "--serve-artifacts" in mlflow_args
+    backend = [arg for arg in mlflow_args if arg.startswith("--backend-store-uri=")]
+    assert len(backend) == 1 and backend[0].startswith("--backend-store-uri=postgresql://")
+    assert backend[0].endswith("@postgres:5432/mlflow")
+    assert any(volume.endswith(":/mlartifacts") for volume in services["mlflow"]["volumes"])
+
+    worker = services["worker"]
+    assert worker["build"] == {"context": ".", "dockerfile": "Dockerfile"}
+    assert worker["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+    assert worker["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert worker["environment"]["SCF_WORK_POOL"] == POOL
+    gpus = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert gpus == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+    # Published ports stay on the host's loopback.
+    for service in services.values():
+        assert all(port.startswith("127.0.0.1:") for port in service.get("ports", []))
+
+
+def test_docker_pool_variant_uses_the_compose_image_network_and_volumes() -> None:
+    compose = _load_yaml("docker-compose.yml")
+    pool = _load_yaml("prefect.yaml")["definitions"]["work_pools"]["gpu_docker"]["job_variables"]
+
+    project = compose["name"]
+    assert pool["image"] == compose["services"]["worker"]["image"]
+    assert pool["networks"] == [f"{project}_default"]
+    for volume in pool["volumes"]:
+        assert volume.split(":")[0].removeprefix(f"{project}_") in compose["volumes"], volume
+
+
+def _compose_cli() -> list[str] | None:
+    """`docker compose` (plugin) or `docker-compose` (standalone), whichever works here."""
+    if shutil.which("docker"):
+        probe = subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30)
+        if probe.returncode == 0:
+            return ["docker", "compose"]
+    standalone = shutil.which("docker-compose")
+    return [standalone] if standalone else None
+
+
+def test_docker_compose_config_validates() -> None:
+    # Client-side validation against the Compose spec; needs no Docker engine.
+    compose = _compose_cli()
+    if compose is None:
+        pytest.skip("neither `docker compose` nor `docker-compose` is installed")
+    result = subprocess.run(
+        [*compose, "-f", "docker-compose.yml", "config", "--quiet"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) for each instruction, continuation lines joined."""
+    text = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
+    lines = [line.strip() for line in text.splitlines()]
+    return [tuple(line.split(maxsplit=1)) for line in lines if line and not line.startswith("#")]
+
+
+def test_dockerfile_copies_existing_files_and_runs_the_worker_entrypoint() -> None:
+    instructions = _dockerfile_instructions()
+    ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()}
+
+    for sources in (shlex.split(args)[:-1] for kind, args in instructions if kind == "COPY"):
+        for source in sources:
+            assert (REPO / source).exists(), f"Dockerfile copies missing path {source}"
+            assert source.rstrip("/") not in ignored, f".dockerignore drops {source}"
+    installs = [args for kind, args in instructions if kind == "RUN" and "pip install" in args]
+    assert any('".[vllm]"' in args for args in installs)
+    copies = dict(shlex.split(args)[-2:] for kind, args in instructions if kind == "COPY")
+    assert copies["docker/worker-entrypoint.sh"] == "/usr/local/bin/scf-worker"
+    assert ("CMD", '["scf-worker"]') in instructions
+
+
+# ---------------------------------------------------------------------------------------------
+# A real Prefect server on loopback
+# ---------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class PrefectServer:
+    """A `prefect server start` subprocess and the environment that points clients at it."""
+
+    api_url: str
+    env: dict[str, str]
+    home: Path
+
+    def cli(self, *args: str, cwd: Path = REPO, timeout: float = CLI_TIMEOUT_S) -> str:
+        """Run `prefect <args>` against this server; fail the test with its output on error."""
+        result = subprocess.run(
+            [str(VENV_BIN / "prefect"), *args],
+            cwd=cwd,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        assert result.returncode == 0, f"prefect {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
+        return result.stdout
+
+
+def _start(command: list[str], env: dict[str, str], log: Path, cwd: Path = REPO) -> subprocess.Popen:
+    """Start a long-running process in its own session, its output in `log`."""
+    with log.open("wb") as sink:
+        return subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Terminate `process` and every process it started (a worker's flow runs); kill what lingers."""
+    try:
+        root = psutil.Process(process.pid)
+        family = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    for member in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.terminate()
+    _, alive = psutil.wait_procs(family, timeout=15)
+    for member in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
+    psutil.wait_procs(alive, timeout=5)
+    process.wait(timeout=5)
+
+
+def _wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"{process.args} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"{url} not healthy after {timeout_s} s:\n{log.read_text()[-3000:]}")
+
+
+def _client_env(home: Path, api_url: str) -> dict[str, str]:
+    """This process's environment without any outside Prefect settings, pointed at our server."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env.update(
+        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+        PREFECT_HOME=str(home),
+        PREFECT_API_URL=api_url,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_ENABLED="false",
+        PREFECT_WORKER_QUERY_SECONDS="1",
+        PREFECT_WORKER_PREFETCH_SECONDS="5",
+    )
+    return env
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """`prefect server start` on 127.0.0.1, a free port, sqlite under a temporary PREFECT_HOME."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = _client_env(home, api_url)
+    log = home / "server.log"
+    # No scheduler: the nightly deployment's schedule is stored (and checked) but never fires,
+    # so a test run at 02:00 UTC does not start a sweep.
+    command = ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-scheduler"]
+    server = _start([str(VENV_BIN / command[0]), *command[1:]], env, log)
+    try:
+        _wait_healthy(f"{api_url}/health", server, log, PROCESS_START_S)
+        yield PrefectServer(api_url=api_url, env=env, home=home)
+    finally:
+        _stop(server)
+
+
+def _api(api_url: str):
+    """Prefect settings that point this process's client at `api_url`."""
+    return temporary_settings(updates={PREFECT_API_URL: api_url})
+
+
+async def _deployments_by_name() -> dict[str, object]:
+    async with get_client() as client:
+        return {deployment.name: deployment for deployment in await client.read_deployments()}
+
+
+async def _global_concurrency_limit(name: str) -> int:
+    async with get_client() as client:
+        return (await client.read_global_concurrency_limit_by_name(name)).limit
+
+
+def _check_deployments(deployments: dict) -> None:
+    """What `prefect deploy --all` made of prefect.yaml: names, schedule, typed parameters, pull step."""
+    assert set(deployments) == {"nightly", "merge-and-evaluate"}
+    nightly, on_demand = deployments["nightly"], deployments["merge-and-evaluate"]
+    assert [(s.schedule.cron, s.schedule.timezone) for s in nightly.schedules] == [("0 2 * * *", "UTC")]
+    assert on_demand.schedules == []
+    assert "candidate" in on_demand.parameter_openapi_schema["properties"]
+    for deployment in deployments.values():
+        # The UI renders its run form from this schema.
+        fields = deployment.parameter_openapi_schema["properties"]
+        assert fields["config_path"]["type"] == "string"
+        assert deployment.parameters == {"config_path": "configs/demo.yaml"}
+        assert deployment.work_pool_name == POOL
+        directory = {"directory": str(REPO)}
+        assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory": directory}]
+
+
+def _cheap_config(tmp_path: Path) -> Path:
+    """configs/demo.yaml cut to one scf_rkl candidate and a few samples, its stores under `tmp_path`."""
+    config = _load_yaml("configs/demo.yaml")
+    config["name"] = "deploy-test"
+    config["candidates"] = [{"method": "scf_rkl"}]
+    config["eval"]["limit"] = 4
+    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config["storage"] = {"workdir": str(tmp_path / "work"), "mlflow_uri": mlflow_uri}
+    path = tmp_path / "deploy-test.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@pytest.mark.slow
+def test_on_demand_deployment_runs_on_a_worker_to_completion(
+    prefect_server: PrefectServer, tiny_zoo: Path, tmp_path: Path
+) -> None:
+    server = prefect_server
+    server.cli("work-pool", "create", POOL, "--type", "process")
+    # The worker starts (docker/worker-entrypoint.sh, as in docker-compose) while we deploy.
+    health_port = _free_port()
+    worker_env = dict(
+        server.env,
+        SCF_WORK_POOL=POOL,
+        SCF_WORKER_LIMIT="1",
+        PREFECT_WORKER_WEBSERVER_HOST="127.0.0.1",
+        PREFECT_WORKER_WEBSERVER_PORT=str(health_port),
+    )
+    worker_log = tmp_path / "worker.log"
+    worker = _start(["bash", str(REPO / "docker" / "worker-entrypoint.sh")], worker_env, worker_log)
+    try:
+        server.cli("--no-prompt", "deploy", "--all")
+        with _api(server.api_url):
+            deployments = asyncio.run(_deployments_by_name())
+        _check_deployments(deployments)
+
+        _wait_healthy(f"http://127.0.0.1:{health_port}/health", worker, worker_log, PROCESS_START_S)
+        config = _cheap_config(tmp_path)
+        with _api(server.api_url):
+            assert asyncio.run(_global_concurrency_limit("gpu")) == 1
+            flow_run = run_deployment(
+                deployments["merge-and-evaluate"].id,
+                parameters={"config_path": str(config), "candidate": "scf_rkl"},
+                timeout=RUN_TIMEOUT_S,
+                poll_interval=1,
+            )
+        assert flow_run.state is not None and flow_run.state.is_completed(), (
+            f"flow run ended {flow_run.state}\n{worker_log.read_text()[-6000:]}"
+        )
+    finally:
+        _stop(worker)
+    # The run's results are in the DuckDB file the config names: both parents and the
+    # candidate, which the gate has judged.
+    leaderboard = results_db.leaderboard(tmp_path / "work" / "results.duckdb", "deploy-test")
+    assert sorted(entry["kind"] for entry in leaderboard) == ["merge", "parent", "parent"]
+    [candidate] = [entry for entry in leaderboard if entry["kind"] == "merge"]
+    assert candidate["label"] == "scf_rkl" and candidate["decision"] in {"promoted", "passed", "rejected"}
