@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-_CHUNK_ELEMENTS = 1 << 16  # float64 elements per row chunk: two 512 KB buffers that stay in cache
+_CHUNK_ELEMENTS = 1 << 20  # float64 elements per row chunk: 8 MB buffers (L3), few parallel regions
 
 
 def as_rows(tensor: torch.Tensor) -> torch.Tensor:
