@@ -159,6 +159,34 @@ def test_dockerfile_copies_existing_files_and_runs_the_worker_entrypoint() -> No
     assert ("CMD", '["scf-worker"]') in instructions
 
 
+def _run_worker_entrypoint(**env: str) -> subprocess.CompletedProcess:
+    base = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    base["PATH"] = f"{VENV_BIN}{os.pathsep}{base.get('PATH', '')}"
+    return subprocess.run(
+        ["bash", str(REPO / "docker" / "worker-entrypoint.sh")],
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_worker_entrypoint_needs_an_api_url() -> None:
+    result = _run_worker_entrypoint()
+
+    assert result.returncode != 0
+    assert "set PREFECT_API_URL to the Prefect server API" in result.stderr
+
+
+def test_worker_entrypoint_gives_up_on_an_unreachable_api() -> None:
+    api_url = f"http://127.0.0.1:{_free_port()}/api"  # nothing listens there
+
+    result = _run_worker_entrypoint(PREFECT_API_URL=api_url, SCF_API_WAIT_S="1")
+
+    assert result.returncode == 1
+    assert f"error: Prefect API {api_url} not healthy after 1 s" in result.stderr
+
+
 # ---------------------------------------------------------------------------------------------
 # A real Prefect server on loopback
 # ---------------------------------------------------------------------------------------------
@@ -219,16 +247,15 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 def _wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    """Poll `url` until it answers 200; fail with the process's log if it dies or time runs out."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             pytest.fail(f"{process.args} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:
+            if response.status == 200:
+                return
+        time.sleep(0.5)
     pytest.fail(f"{url} not healthy after {timeout_s} s:\n{log.read_text()[-3000:]}")
 
 
