@@ -52,12 +52,15 @@ def test_defaults_are_mergekits_and_the_papers() -> None:
         ("scf_rkl", {"q_low": 0.8, "q_high": 0.6}, r"q_low <= q_center <= q_high.*q_low=0\.8"),
         ("scf_rkl", {"q_high": 1.5}, r"params\.q_high: Input should be less than or equal to 1"),
         ("scf_rkl", {"eps": 0}, r"params\.eps: Input should be greater than 0"),
-        ("ties", {"density": 1.7}, r"params\.density: must be in \(0\.0, 1\.0\], got 1\.7"),
-        ("dare_linear", {"density": [0.5, -0.1]}, r"params\.density: must be in .* got -0\.1"),
+        ("ties", {"density": 1.7}, r"params\.density: must be a finite number in \(0\.0, 1\.0\], got 1\.7$"),
+        ("dare_linear", {"density": [0.5, -0.1]}, r"params\.density: must be .* got -0\.1"),
         ("sce", {"select_topk": 0}, r"params\.select_topk: Input should be greater than 0"),
         ("scf_rkl", {"apha": 2}, r"params\.apha: unknown parameter \(did you mean 'alpha'\?\)"),
         ("linear", {"weight": [1, -1]}, r"weights sum to 0"),
         ("ties", {"lambda": "big"}, r"params\.lambda: Input should be a valid number"),
+        ("linear", {"weight": float("nan")}, r"params\.weight: Input should be a finite number \(got nan\)$"),
+        ("ties", {"density": [0.5, "x"]}, r"params\.density\.1: Input should be a valid number.*got .x.\)$"),
+        ("linear", {"weight": "heavy"}, r"params\.weight: Input should be a valid number.*\(got 'heavy'\)$"),
     ],
 )
 def test_bad_params_name_the_method_and_key(name: str, params: dict, message: str) -> None:

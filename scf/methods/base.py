@@ -8,6 +8,7 @@ modifies its inputs (the engine compares the result against them afterwards).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,9 +42,9 @@ class TensorInputs:
 
 
 class MethodParams(BaseModel):
-    """Base of every method's parameter model: unknown keys are errors, instances are immutable."""
+    """Base of every method's parameter model: unknown keys, inf and NaN are errors; immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 PerModel = float | list[float]
@@ -81,10 +82,10 @@ def check_each(value: PerModel, low: float, high: float, *, low_open: bool = Fal
     if isinstance(value, list) and not value:
         raise ValueError("must not be an empty list")
     for v in values:
-        too_low = v <= low if low_open else v < low
-        if too_low or v > high:
+        above_low = v > low if low_open else v >= low
+        if not (math.isfinite(v) and above_low and v <= high):  # NaN fails every comparison
             bracket = "(" if low_open else "["
-            raise ValueError(f"must be in {bracket}{low}, {high}], got {v}")
+            raise ValueError(f"must be a finite number in {bracket}{low}, {high}], got {v}")
     return value
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import field_validator, model_validator
 
-from scf.methods.base import MethodParams, PerModel, TensorInputs, per_model_values
+from scf.methods.base import MethodParams, PerModel, TensorInputs, check_each, per_model_values
 
 LINEAR_URL = "https://arxiv.org/abs/2203.05482"
 
@@ -24,10 +24,8 @@ class LinearParams(MethodParams):
 
     @field_validator("weight")
     @classmethod
-    def _non_empty(cls, value: PerModel) -> PerModel:
-        if isinstance(value, list) and not value:
-            raise ValueError("must not be an empty list")
-        return value
+    def _finite(cls, value: PerModel) -> PerModel:
+        return check_each(value, float("-inf"), float("inf"))
 
     @model_validator(mode="after")
     def _nonzero_sum(self) -> LinearParams:

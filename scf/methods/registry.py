@@ -187,7 +187,7 @@ def validate_params(name: str, params: Mapping, n_models: int) -> BaseModel:
     try:
         validated = spec.params.model_validate(dict(params))
     except ValidationError as exc:
-        problems = "; ".join(_describe(err, spec.params) for err in exc.errors())
+        problems = "; ".join(_describe(err, spec.params) for err in _relevant(exc.errors()))
         raise ScfError(f"method {name!r}: invalid params: {problems}") from None
     for key in spec.per_model_params:
         value = getattr(validated, key)
@@ -197,6 +197,24 @@ def validate_params(name: str, params: Mapping, n_models: int) -> BaseModel:
                 f"models ([base, *secondaries]); give one value per model or a single number"
             )
     return validated
+
+
+def _relevant(errors: list) -> list:
+    """Keep, per key, the errors that help: drop a scalar-or-list parameter's wrong-branch ones.
+
+    For ``density: 1.7`` pydantic reports both the scalar's range error and "should be a valid
+    list"; only the first helps. A key whose errors are all type mismatches keeps the deepest one
+    (``density.1`` for ``[0.5, "x"]``).
+    """
+    branch_mismatch = {"list_type", "float_type", "float_parsing"}
+    by_key: dict[tuple, list] = {}
+    for err in errors:
+        by_key.setdefault(tuple(err["loc"][:1]), []).append(err)
+    kept = []
+    for group in by_key.values():
+        specific = [err for err in group if err["type"] not in branch_mismatch]
+        kept += specific or [max(group, key=lambda err: len(err["loc"]))]
+    return kept
 
 
 def _describe(err: Mapping, params_model: type[BaseModel]) -> str:
