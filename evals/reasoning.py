@@ -104,7 +104,11 @@ def hf_lm(backend, gen: GenParams):
     from lm_eval.models.huggingface import HFLM
 
     _quiet_lm_eval()
-    backend.model.generation_config = backend.generation_config(gen)
+    config = backend.generation_config(gen)
+    # lm-eval passes max_length = prompt + max_gen_toks (= gen.max_new_tokens) itself; a second
+    # length setting would only make transformers warn on every batch.
+    config.max_new_tokens = None
+    backend.model.generation_config = config
     return HFLM(pretrained=backend.model, tokenizer=backend.tokenizer, batch_size=gen.batch_size)
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from evals import toytasks
 from evals.spec import EvalReport
+from evals.suites import SUITES
 from evals.zoo import save_untrained
 from flows.cli import main
 
@@ -31,7 +32,7 @@ def _error(capsys) -> str:
 def test_toy_eval_writes_one_json_report(untrained, tmp_path, capsys):
     out = tmp_path / "results.json"
     args = ["eval", str(untrained), "--suite", "toy", "--limit", "2", "--device", "cpu", "--out", str(out)]
-    assert main(args) == 0
+    assert main([*args, "--max-new-tokens", "8"]) == 0
     printed = capsys.readouterr().out
     assert "toy_math" in printed and "exact_match" in printed and "refusal_rate" in printed
 
@@ -41,8 +42,10 @@ def test_toy_eval_writes_one_json_report(untrained, tmp_path, capsys):
         ("toy_math", "exact_match", 2),
         ("toy_strings", "exact_match", 2),
     ]
-    assert report.gen_params.max_new_tokens == toytasks.MAX_NEW_TOKENS
-    assert report.gen_params.temperature == 0.0
+    # The suite's decoding, with the one flag given overriding it.
+    assert report.gen_params == SUITES["toy"].default_gen.model_copy(update={"max_new_tokens": 8})
+    assert report.spec.gen == report.gen_params
+    assert all(len(s.token_ids) <= 8 for s in report.samples)
     assert report.eos_token_ids == [2]
     assert report.safety is not None and (report.safety.n_harmful, report.safety.n_benign) == (2, 2)
     assert len(report.samples) == 8  # 2 math + 2 strings + 2 harmful + 2 benign
@@ -120,3 +123,27 @@ def test_spec_takes_the_suites_decoding_unless_given():
     assert EvalSpec.model_validate_json(spec.model_dump_json()) == spec
     with pytest.raises(ValidationError, match="unknown suite 'nope'; known suites: toy"):
         EvalSpec(suite="nope")
+
+
+def test_scf_eval_on_a_zoo_specialist_gives_its_card_scores(tiny_zoo, tmp_path):
+    card = json.loads((tiny_zoo / "math" / "model_card.json").read_text())
+    out = tmp_path / "math.json"
+    args = ["eval", str(tiny_zoo / "math"), "--suite", "toy", "--device", "cpu", "--out", str(out)]
+    assert main([*args, "--no-progress"]) == 0
+    metrics = EvalReport.read_json(out).metrics()
+    assert card["scores"]  # the card claims scores...
+    for name, value in card["scores"].items():
+        assert metrics[name] == value, name  # ...and greedy decoding reproduces them exactly
+
+
+def test_zoo_build_reuses_a_built_zoo(tiny_zoo, capsys):
+    args = ["zoo", "build", "--out", str(tiny_zoo), "--size", "tiny", "--seed", "0", "--no-progress"]
+    assert main(args) == 0
+    assert capsys.readouterr().out.strip() == f"zoo: {tiny_zoo}"
+
+
+def test_zoo_build_refuses_a_directory_that_is_not_a_zoo(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["zoo", "build", "--out", str(tmp_path), "--no-progress"]) == 2
+    assert "is not a toy zoo" in _error(capsys)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
