@@ -106,6 +106,7 @@ def test_identical_inputs_mask_everything_and_return_the_base() -> None:
 def test_scalar_is_never_masked() -> None:
     fused = fuse(torch.tensor(1.5), [torch.tensor(-7.0)])
     assert fused.shape == () and fused.item() == 1.5
+    assert fuse(torch.zeros(0, 4), [torch.ones(0, 4)]).shape == (0, 4)  # empty: nothing to mask
 
 
 def test_inputs_are_not_modified() -> None:

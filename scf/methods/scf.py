@@ -136,7 +136,7 @@ def _scf(inputs: TensorInputs, params: ScfParams, *, reverse: bool) -> torch.Ten
     base = inputs.base
     if not inputs.secondaries:
         raise ScfError(f"tensor {inputs.name!r}: SCF needs at least one secondary model")
-    if base.dim() == 0:  # a scalar has no distribution: keep the base
+    if base.dim() == 0 or base.numel() == 0:  # no distribution (scalar) or nothing to mask
         return base.clone()
     if len(inputs.secondaries) == 1:
         (secondary,) = inputs.secondaries
