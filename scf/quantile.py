@@ -170,7 +170,7 @@ def _histogram_high(bits: torch.Tensor) -> torch.Tensor:
         counts += torch.bincount(raw, minlength=_HALF)
     nonfinite = counts[0x7F80:_SIGN_SPLIT].sum() + counts[0xFF80:].sum()  # exponent all ones
     if int(nonfinite) > 0:
-        raise ScfError(f"cannot take quantiles: {int(nonfinite)} element(s) are inf or NaN")
+        raise ScfError(f"cannot rank values: {int(nonfinite)} element(s) are inf or NaN")
     return counts
 
 

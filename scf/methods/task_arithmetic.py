@@ -9,6 +9,7 @@ data-dependent weights. Names, parameters and defaults follow mergekit.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -166,7 +167,8 @@ def sce(inputs: TensorInputs, params: SceParams) -> torch.Tensor:
     reference = _reference(inputs, "sce")
     deltas = torch.stack([model - reference for model in inputs.models])  # (models, *shape)
     if params.select_topk < 1:
-        deltas *= variance_topk_mask(deltas, params.select_topk)
+        with _named(inputs):
+            deltas *= variance_topk_mask(deltas, params.select_topk)
     merged = merge_task_vectors(
         deltas, _sce_weights(deltas), consensus=True, normalize=True, elect_weighted=False, divisor_floor=1e-6
     )
@@ -196,7 +198,8 @@ def _generalized(
     for model, density in zip(inputs.models, densities, strict=True):
         delta = model - reference
         if sparsifier == "magnitude":
-            delta = magnitude(delta, density)
+            with _named(inputs):
+                delta = magnitude(delta, density)
         elif sparsifier == "random":
             delta = bernoulli(delta, density, _generator(inputs, method))
         if sparsifier is not None and params.rescale and density < 1:
@@ -206,6 +209,15 @@ def _generalized(
         torch.stack(deltas), weights, consensus=consensus, normalize=params.normalize, lambda_=params.lambda_
     )
     return reference + merged
+
+
+@contextmanager
+def _named(inputs: TensorInputs):
+    """Prefix a ScfError from the tensor math with the tensor's name."""
+    try:
+        yield
+    except ScfError as exc:
+        raise ScfError(f"tensor {inputs.name!r}: {exc}") from None
 
 
 def _reference(inputs: TensorInputs, method: str) -> torch.Tensor:
