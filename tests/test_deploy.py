@@ -56,7 +56,7 @@ def test_prefect_yaml_has_nightly_cron_and_on_demand_deployments() -> None:
     assert deployments["nightly"]["entrypoint"] == "flows/nightly.py:nightly"
     assert deployments["merge-and-evaluate"]["entrypoint"] == "flows/merge_eval.py:merge_and_evaluate"
     assert deployments["nightly"]["schedules"] == [{"cron": "0 2 * * *", "timezone": "UTC", "active": True}]
-    assert "schedules" not in deployments["merge-and-evaluate"]
+    assert deployments["merge-and-evaluate"]["schedules"] == []
     for deployment in deployments.values():
         assert deployment["work_pool"]["name"] == POOL
         config = deployment["parameters"]["config_path"]
