@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from scf.errors import ScfError
+
 _CHUNK_ELEMENTS = 1 << 20  # float64 elements per row chunk: 8 MB buffers (L3), few parallel regions
 
 
@@ -29,7 +31,7 @@ def as_rows(tensor: torch.Tensor) -> torch.Tensor:
         A 2-D view (a copy only if ``tensor`` is not contiguous).
     """
     if tensor.dim() == 0:
-        raise ValueError("a scalar has no rows")
+        raise ScfError("a scalar has no rows (SCF keeps a scalar's base value instead)")
     if tensor.dim() == 1:
         return tensor.reshape(1, -1)
     return tensor.reshape(tensor.shape[0], -1)
