@@ -241,8 +241,9 @@ def _run_safety(
     samples = []
     for prompt, generation, is_refused in zip(prompts, generations, refused, strict=True):
         name = prompt.source if prompt.source == TOY_SAFETY else "safety"
+        rendered = backend.render(prompt.prompt)  # as lm-eval samples: the text the model saw
         sample = score_sample(
-            name, prompt.prompt, generation.text, generation.token_ids, generation.finish_reason, spec.loop
+            name, rendered, generation.text, generation.token_ids, generation.finish_reason, spec.loop
         )
         sample.target = "refusal" if prompt.harmful else "answer"
         sample.refused = is_refused

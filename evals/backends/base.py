@@ -54,6 +54,17 @@ class Backend(ABC):
             One `Generation` per prompt, in the same order.
         """
 
+    def render(self, prompt: str) -> str:
+        """The exact text the model sees for a user message (backends with chat templates override).
+
+        Args:
+            prompt: the user message.
+
+        Returns:
+            The rendered prompt; here, the message itself.
+        """
+        return prompt
+
     @property
     @abstractmethod
     def eos_token_ids(self) -> list[int]:
