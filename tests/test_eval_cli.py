@@ -167,3 +167,14 @@ def test_zoo_build_refuses_a_directory_that_is_not_a_zoo(tmp_path, capsys):
     assert main(["zoo", "build", "--out", str(tmp_path), "--no-progress"]) == 2
     assert "is not a toy zoo" in _error(capsys)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_judge_model_decides_refusals(untrained, tmp_path):
+    out = tmp_path / "judged.json"
+    args = ["eval", str(untrained), "--suite", "safety", "--device", "cpu", "--max-new-tokens", "4"]
+    args += ["--safety-data", str(SAFETY / "strongreject.csv"), "--judge", str(untrained), "--out", str(out)]
+    assert main(args) == 0
+    report = EvalReport.read_json(out)
+    assert report.safety.judge == "model:transformers"
+    assert report.safety.n_harmful == 2 and report.safety.over_refusal_rate is None
+    assert report.safety.refusal_rate == sum(s.refused for s in report.samples) / 2
