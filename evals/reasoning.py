@@ -200,24 +200,35 @@ def run_lm_eval(
             hint = f"; did you mean: {', '.join(close)}" if close else ""
             raise EvalError(f"unknown lm-eval task {task!r}{hint}")
     use_template = chat_template and bool(getattr(tokenizer, "chat_template", None))
-    results = lm_eval.simple_evaluate(
-        model=lm,
-        model_args=model_args,
-        tasks=list(tasks),
-        batch_size=gen.batch_size,
-        device=device,
-        limit=limit,
-        log_samples=True,
-        apply_chat_template=use_template,
-        gen_kwargs=gen_kwargs(gen),
-        task_manager=manager,
-        bootstrap_iters=BOOTSTRAP_ITERS,
-        random_seed=gen.seed,
-        numpy_random_seed=gen.seed,
-        torch_random_seed=gen.seed,
-        fewshot_random_seed=gen.seed,
-        confirm_run_unsafe_code=unsafe_code,
-    )
+    try:
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            model_args=model_args,
+            tasks=list(tasks),
+            batch_size=gen.batch_size,
+            device=device,
+            limit=limit,
+            log_samples=True,
+            apply_chat_template=use_template,
+            gen_kwargs=gen_kwargs(gen),
+            task_manager=manager,
+            bootstrap_iters=BOOTSTRAP_ITERS,
+            random_seed=gen.seed,
+            numpy_random_seed=gen.seed,
+            torch_random_seed=gen.seed,
+            fewshot_random_seed=gen.seed,
+            confirm_run_unsafe_code=unsafe_code,
+        )
+    except ConnectionError as err:  # datasets raises it for a dataset that is not in the local cache
+        raise EvalError(
+            f"lm-eval could not load the data of {', '.join(tasks)}: {err}; when offline, put the "
+            "datasets in the local Hugging Face cache first"
+        ) from err
+    except ModuleNotFoundError as err:  # some tasks need extra packages (ifeval: langdetect, ...)
+        raise EvalError(
+            f"an lm-eval task of {', '.join(tasks)} needs the Python package {err.name!r}: "
+            f"pip install {err.name}"
+        ) from err
     scores = [score for task in tasks for score in _scores(results, task)]
     samples = _samples(results, tasks, tokenizer, gen.max_new_tokens, loop)
     config = {

@@ -108,3 +108,28 @@ def test_unknown_task_is_named(backend, task_dir):
             include_path=task_dir,
             include_defaults=False,
         )
+
+
+def test_dataset_missing_offline_is_a_clear_error(backend, tmp_path):
+    (tmp_path / "hub_task.yaml").write_text(
+        "task: hub_task\n"
+        "dataset_path: scf-pipeline-tests/not-in-any-cache\n"
+        "test_split: test\n"
+        "output_type: generate_until\n"
+        'doc_to_text: "{{q}}"\n'
+        'doc_to_target: "{{a}}"\n'
+        "metric_list:\n  - metric: exact_match\n"
+    )
+    with pytest.raises(EvalError, match="could not load the data of hub_task.*local Hugging Face cache"):
+        run_lm_eval(
+            hf_lm(backend, GEN),
+            ["hub_task"],
+            gen=GEN,
+            limit=1,
+            loop=LoopThresholds(),
+            chat_template=True,
+            tokenizer=backend.tokenizer,
+            device="cpu",
+            include_path=tmp_path,
+            include_defaults=False,
+        )
