@@ -41,7 +41,7 @@ def write_config(root: Path, **changes: object) -> Path:
             "max_refusal_drop": 1.0,
         },
         "storage": {"workdir": str(root / "work"), "mlflow_uri": f"sqlite:///{root / 'mlflow.db'}"},
-        "concurrency": 2,
+        "concurrency": 1,
     }
     config.update(changes)
     path = root / "pipeline.yaml"
