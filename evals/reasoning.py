@@ -14,8 +14,13 @@ data paths, to a cache directory, and lm-eval loads them from there with
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import hashlib
 import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -50,41 +55,60 @@ class LmEvalRun:
 
 def default_cache_dir() -> Path:
     """Where toy task files are written: $SCF_CACHE/lm_tasks (default ~/.cache/scf-pipeline)."""
-    import os
-
     return Path(os.environ.get("SCF_CACHE", Path.home() / ".cache" / "scf-pipeline")) / "lm_tasks"
 
 
 def prepare_toy_tasks(out_dir: Path | None = None, seed: int = 0) -> Path:
     """Write the toy test sets and their lm-eval YAML files (absolute data paths) to a directory.
 
+    Without `out_dir` the files go to a cache directory named by the seed and a hash of their
+    content, published by an atomic rename: concurrent evaluations never see half-written files,
+    and a change to the tasks gets a new directory.
+
     Args:
-        out_dir: the directory (default `default_cache_dir()/toy-seed<seed>`).
+        out_dir: the directory to write (default: under `default_cache_dir()`).
         seed: the toy data seed (`evals.toytasks.write_test_sets`).
 
     Returns:
         The directory, to pass as `TaskManager(include_path=...)`.
     """
-    out_dir = Path(out_dir) if out_dir is not None else default_cache_dir() / f"toy-seed{seed}"
-    data = toytasks.write_test_sets(out_dir, seed=seed)
-    package = resources.files("evals.lm_tasks")
-    for entry in package.iterdir():
-        if not entry.name.endswith(".yaml"):
-            continue
+    if out_dir is not None:
+        data = toytasks.write_test_sets(out_dir, seed=seed)
+        _write_task_yamls(Path(out_dir), {task: path.resolve() for task, path in data.items()})
+        return Path(out_dir)
+    cache = default_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".toy-", dir=cache))
+    try:
+        data = toytasks.write_test_sets(tmp, seed=seed)
+        digest = hashlib.sha256()
+        for path in [*sorted(data.values()), *_task_templates()]:
+            digest.update(path.read_bytes())
+        final = cache / f"toy-seed{seed}-{digest.hexdigest()[:12]}"
+        if not final.is_dir():
+            _write_task_yamls(tmp, {task: final / path.name for task, path in data.items()})
+            with contextlib.suppress(OSError):  # another process published the same files first
+                tmp.rename(final)
+        return final
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _task_templates() -> list:
+    return sorted(
+        (entry for entry in resources.files("evals.lm_tasks").iterdir() if entry.name.endswith(".yaml")),
+        key=lambda entry: entry.name,
+    )
+
+
+def _write_task_yamls(out_dir: Path, data: dict[str, Path]) -> None:
+    """Copy the task YAML files into `out_dir`, pointing each task at its test set's absolute path."""
+    for entry in _task_templates():
         config = yaml.safe_load(entry.read_text())
-        files = (config.get("dataset_kwargs") or {}).get("data_files")
-        if files:
+        if (config.get("dataset_kwargs") or {}).get("data_files"):
             # lm-eval resolves relative data_files against the working directory: pin them.
-            task_name = TOY_TASK_FILES[config["task"]]
-            config["dataset_kwargs"]["data_files"] = {"test": str(data[task_name].resolve())}
-        _write_atomic(out_dir / entry.name, yaml.safe_dump(config, sort_keys=False))
-    return out_dir
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+            config["dataset_kwargs"]["data_files"] = {"test": str(data[TOY_TASK_FILES[config["task"]]])}
+        (out_dir / entry.name).write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 def hf_lm(backend, gen: GenParams):

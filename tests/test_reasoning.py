@@ -55,6 +55,19 @@ def test_toy_task_files_pin_absolute_data_paths(task_dir):
     assert (task_dir / "_toy_template.yaml").is_file()
 
 
+def test_cached_toy_tasks_are_published_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCF_CACHE", str(tmp_path))
+    first = prepare_toy_tasks(seed=0)
+    assert first.parent == tmp_path / "lm_tasks" and first.name.startswith("toy-seed0-")
+    assert prepare_toy_tasks(seed=0) == first
+    assert prepare_toy_tasks(seed=1) != first  # other test sets, other directory
+    assert sorted(p.name for p in (tmp_path / "lm_tasks").iterdir()) == sorted(
+        [first.name, prepare_toy_tasks(seed=1).name]
+    )  # no temporary directories left behind
+    config = yaml.safe_load((first / "toy_strings.yaml").read_text())
+    assert config["dataset_kwargs"]["data_files"]["test"] == str(first / "strings.jsonl")
+
+
 def test_scores_carry_counts_version_and_stderr(run):
     by_name = {s.benchmark: s for s in run.scores}
     assert set(by_name) == {"toy_math", "toy_strings"}
