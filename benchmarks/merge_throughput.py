@@ -728,6 +728,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         if not args.keep_outputs:
             shutil.rmtree(out, ignore_errors=True)
         rows.append(row)
+        tqdm.write(f"done: {_summary(row)}", file=sys.stderr)  # partial results while the run goes on
 
     floors[2].append(io_floor(inputs2, workdir / "out" / "floor", shard_bytes))
     floors[3].append(io_floor(inputs3, workdir / "out" / "floor", shard_bytes))
@@ -745,6 +746,14 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return results
+
+
+def _summary(row: BenchmarkRow) -> str:
+    """One line per finished method, for the log of a long run."""
+    line = f"{row.method}: " + (row.ours.error or f"{row.ours.wall_s:.1f} s, {_gb(row.ours.peak_rss_bytes)}")
+    if row.mergekit is not None:
+        line += f"; mergekit {row.mergekit_method}: " + (row.mergekit.error or f"{row.mergekit.wall_s:.1f} s")
+    return line
 
 
 def _mergekit_python(args: argparse.Namespace) -> Path | None:
