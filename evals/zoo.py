@@ -52,13 +52,13 @@ class Architecture:
     num_hidden_layers: int
     num_attention_heads: int
     num_key_value_heads: int
-    max_position_embeddings: int = 128
+    max_position_embeddings: int = 512  # RoPE: no weights; room for long (looping) generations
 
 
 ARCHITECTURES = {
     "tiny": Architecture(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2),
-    "small": Architecture(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+    "small": Architecture(hidden_size=96, intermediate_size=288, num_hidden_layers=3,
                           num_attention_heads=4, num_key_value_heads=2),
 }
 
@@ -95,10 +95,15 @@ RECIPES = {
     "tiny": Recipe(batch_size=32, lr=3e-3,
                    steps={"base": 300, "math": 400, "strings": 300, "safety": 120, "weak": 100}),
     "small": Recipe(batch_size=32, lr=2e-3,
-                    steps={"base": 600, "math": 600, "strings": 400, "safety": 150, "weak": 100}),
+                    steps={"base": 400, "math": 500, "strings": 300, "safety": 120, "weak": 100}),
 }
 OPTIMIZER = {"name": "AdamW", "betas": (0.9, 0.98), "weight_decay": 0.01, "clip_grad_norm": 1.0}
 WARMUP_SHARE = 0.05
+# How the cards' scores are computed: `scf eval MODEL --suite toy --device cpu` gives the same numbers.
+SCORING = {"function": "evals.suites.evaluate", "suite": "toy", "device": "cpu", "toy_seed": 0,
+           "decoding": "greedy", "max_new_tokens": toytasks.MAX_NEW_TOKENS}
+CARD_METRICS = ("toy_math.exact_match", "toy_strings.exact_match", "refusal_rate", "over_refusal_rate",
+                "repetition_rate")
 
 
 def _check_size(size: str) -> None:
@@ -162,8 +167,9 @@ def init_model(size: str = "tiny", seed: int = 0) -> LlamaForCausalLM:
         The untrained model.
     """
     config = model_config(size)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
     model.generation_config = generation_config(config)
     return model
 
@@ -492,13 +498,6 @@ def _encode(batches: list[list[Example]]) -> Iterator[tuple[torch.Tensor, torch.
             input_ids[row, :end] = torch.tensor(context + answer)
             labels[row, len(context) : end] = torch.tensor(answer)
         yield input_ids, labels
-
-
-# How the cards' scores are computed: `scf eval MODEL --suite toy --device cpu` gives the same numbers.
-SCORING = {"function": "evals.suites.evaluate", "suite": "toy", "device": "cpu", "toy_seed": 0,
-           "decoding": "greedy", "max_new_tokens": toytasks.MAX_NEW_TOKENS}
-CARD_METRICS = ("toy_math.exact_match", "toy_strings.exact_match", "refusal_rate", "over_refusal_rate",
-                "repetition_rate")
 
 
 def score_model(model_dir: str | Path) -> dict[str, float]:
