@@ -13,10 +13,10 @@ import duckdb
 import pytest
 from prefect.settings import PREFECT_API_URL
 from prefect.testing.utilities import prefect_test_harness
+from test_pipeline_e2e import write_config  # tests/ is on sys.path (pytest rootdir conftest)
 
 from tasks import results_db
 from tasks.config import load_config
-from tests.test_pipeline_e2e import write_config
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
