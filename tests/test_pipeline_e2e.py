@@ -199,3 +199,28 @@ def test_a_deleted_merge_is_redone_when_its_evaluation_must_run(two_runs: dict) 
     assert redone[loser["id"]] == (False, False)
     assert all(flags == (True, True) for cid, flags in redone.items() if cid != loser["id"])
     assert results_db.row_counts(config.duckdb_path) == two_runs["counts_first"]
+
+
+def test_io_steps_retry_failures_but_never_bad_input(prefect_server: None) -> None:
+    from prefect import flow, task
+
+    from scf.errors import ScfError
+    from tasks.steps import retry_unless_bad_input
+
+    calls: list[str] = []
+
+    @task(retries=2, retry_delay_seconds=0, retry_condition_fn=retry_unless_bad_input)
+    def flaky(error: type[Exception]) -> None:
+        calls.append(error.__name__)
+        raise error("boom")
+
+    @flow
+    def run(error: str) -> None:
+        flaky({"ScfError": ScfError, "OSError": OSError}[error])
+
+    with pytest.raises(ScfError):
+        run("ScfError")
+    assert calls == ["ScfError"]  # bad input: no retry
+    with pytest.raises(OSError):
+        run("OSError")
+    assert calls == ["ScfError", "OSError", "OSError", "OSError"]  # IO trouble: 2 retries
