@@ -297,7 +297,7 @@ def finish(ctx: RunContext, results: list[ModelResult], decisions: list[GateDeci
         A JSON-able summary: stores, champion and one entry per candidate.
     """
     config = ctx.config
-    entries = results_db.leaderboard(Path(ctx.db_path), config.name)
+    entries = results_db.leaderboard(Path(ctx.db_path), config.name, str(ctx.flow_run_id))
     plot_dir = config.workdir / "plots"
     fractions = {r.record.label: r.merge_report["totals"]["fraction_from"] for r in results if r.merge_report}
     figures = [
@@ -316,6 +316,7 @@ def finish(ctx: RunContext, results: list[ModelResult], decisions: list[GateDeci
         "duckdb": ctx.db_path,
         "mlflow_uri": config.mlflow_uri,
         "mlflow_run_id": ctx.mlflow_run_id,
+        "flow_run_id": str(ctx.flow_run_id),
         "champion": champion["candidate_id"] if champion else None,
         "promoted": next((d.candidate_id for d in decisions if d.decision == "promoted"), None),
         "candidates": [

@@ -96,17 +96,18 @@ def _results(args: argparse.Namespace) -> int:
     return 0
 
 
-def leaderboard_text(db_path: Path, config_name: str) -> str:
+def leaderboard_text(db_path: Path, config_name: str, run_id: str | None = None) -> str:
     """The leaderboard of one config, titled, with the champion marked.
 
     Args:
         db_path: the results database.
         config_name: the config's name.
+        run_id: show only the models a given flow run wrote (None: every model of the config).
 
     Returns:
         The text to print.
     """
-    entries = results_db.leaderboard(db_path, config_name)
+    entries = results_db.leaderboard(db_path, config_name, run_id)
     champion = results_db.champion(db_path, config_name)
     table = results_db.format_leaderboard(entries, champion["candidate_id"] if champion else None)
     title = f"Leaderboard: {config_name} (scores; merged candidates show the delta vs the parents' mean)"
@@ -124,7 +125,7 @@ def report(summary: dict[str, Any], config_path: Path) -> str:
     Returns:
         The text to print.
     """
-    lines = [leaderboard_text(Path(summary["duckdb"]), summary["config"])]
+    lines = [leaderboard_text(Path(summary["duckdb"]), summary["config"], summary["flow_run_id"])]
     labels = {c["id"]: c["label"] for c in summary["candidates"]}
     if summary["promoted"]:
         lines.append(
@@ -135,7 +136,8 @@ def report(summary: dict[str, Any], config_path: Path) -> str:
     else:
         lines.append(f"Decision: nothing promoted; champion stays {summary['champion'] or 'none'}.")
     for cand in summary["candidates"]:
-        lines.append(f"  {cand['decision']:>8}  {cand['label']}: {'; '.join(cand['reasons'])}")
+        lines.append(f"  {cand['decision']:>8}  {cand['label']} ({cand['id']})")
+        lines += [f"              - {reason}" for reason in cand["reasons"]]
     merges = sum(c["merge_cached"] for c in summary["candidates"])
     evals = sum(c["eval_cached"] for c in summary["candidates"])
     total = len(summary["candidates"])

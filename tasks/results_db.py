@@ -532,37 +532,44 @@ def row_counts(db_path: Path) -> dict[str, int]:
 
 
 LEADERBOARD_QUERY = """
-WITH parent_mean AS (
+WITH shown AS (  -- every model of the config, or only those a given flow run wrote
+    SELECT c.* FROM candidates c
+    JOIN generation_stats g ON g.config_name = c.config_name AND g.model_id = c.id
+    WHERE c.config_name = $config AND ($run_id IS NULL OR g.run_id = $run_id)
+),
+parent_mean AS (
     SELECT s.benchmark, s.metric, avg(s.value) AS mean
-    FROM scores s JOIN candidates c ON c.config_name = s.config_name AND c.id = s.model_id
-    WHERE s.config_name = $config AND c.kind = 'parent'
+    FROM scores s JOIN shown c ON c.config_name = s.config_name AND c.id = s.model_id
+    WHERE c.kind = 'parent'
     GROUP BY ALL
 )
 SELECT c.id, c.kind, c.label, s.benchmark || '.' || s.metric AS key, s.value, s.value - pm.mean AS delta,
        g.repetition_rate, g.refusal_rate, g.over_refusal_rate, d.decision, d.reasons_json
-FROM candidates c
+FROM shown c
 LEFT JOIN scores s ON s.config_name = c.config_name AND s.model_id = c.id
 LEFT JOIN parent_mean pm ON pm.benchmark = s.benchmark AND pm.metric = s.metric
 LEFT JOIN generation_stats g ON g.config_name = c.config_name AND g.model_id = c.id
 LEFT JOIN gate_decisions d ON d.config_name = c.config_name AND d.candidate_id = c.id
-WHERE c.config_name = $config
 ORDER BY c.kind DESC, c.label, key
 """
 
 
-def leaderboard(db_path: Path, config_name: str) -> list[dict]:
+def leaderboard(db_path: Path, config_name: str, run_id: str | None = None) -> list[dict]:
     """Every model of a config with its scores, deltas vs the parents' mean, repetition and decision.
 
     Args:
         db_path: the DuckDB file.
         config_name: the pipeline config's name.
+        run_id: only the models (and parents) a given flow run wrote; None = all of them, including
+            candidates of earlier source revisions.
 
     Returns:
         One dict per model (parents first): ``id``, ``kind``, ``label``, ``scores`` (key -> value),
         ``deltas`` (key -> value minus the parents' mean, paper Figure 8), ``repetition_rate``,
         ``refusal_rate``, ``over_refusal_rate``, ``decision``, ``reasons``.
     """
-    query = lambda con: con.execute(LEADERBOARD_QUERY, {"config": config_name}).fetchall()  # noqa: E731
+    params = {"config": config_name, "run_id": run_id}
+    query = lambda con: con.execute(LEADERBOARD_QUERY, params).fetchall()  # noqa: E731
     rows = with_retry(db_path, query, read_only=True)
     models: dict[str, dict] = {}
     for mid, kind, label, key, value, delta, rep, refusal, over, decision, reasons in rows:

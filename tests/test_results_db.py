@@ -155,3 +155,15 @@ def test_leaderboard_shows_deltas_against_the_parents_mean(tmp_path: Path) -> No
 def test_reading_a_missing_database_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(PipelineError, match="nope.duckdb does not exist"):
         db.leaderboard(tmp_path / "nope.duckdb", "cfg")
+
+
+def test_the_leaderboard_of_one_run_leaves_out_older_models(tmp_path: Path) -> None:
+    path = tmp_path / "results.duckdb"
+    db.write_model_results(path, "cfg", _model("old-parent", "parent"), _scores(0.9), _stats(), run_id="r1")
+    db.write_model_results(path, "cfg", _model("old-cand"), _scores(0.1), _stats(), run_id="r1")
+    db.write_model_results(path, "cfg", _model("parent", "parent"), _scores(0.2), _stats(), run_id="r2")
+    db.write_model_results(path, "cfg", _model("cand"), _scores(0.5), _stats(), run_id="r2")
+    latest = db.leaderboard(path, "cfg", run_id="r2")
+    assert [entry["id"] for entry in latest] == ["parent", "cand"]
+    assert latest[1]["deltas"]["math.exact_match"] == pytest.approx(0.3)  # vs this run's parent only
+    assert len(db.leaderboard(path, "cfg")) == 4
