@@ -93,7 +93,7 @@ class Recipe:
 
 RECIPES = {
     "tiny": Recipe(batch_size=32, lr=3e-3,
-                   steps={"base": 300, "math": 400, "strings": 300, "safety": 120, "weak": 100}),
+                   steps={"base": 300, "math": 600, "strings": 400, "safety": 120, "weak": 100}),
     "small": Recipe(batch_size=32, lr=2e-3,
                     steps={"base": 400, "math": 500, "strings": 300, "safety": 120, "weak": 100}),
 }
@@ -204,7 +204,6 @@ def save_untrained(out: str | Path, size: str = "tiny", seed: int = 0) -> Path:
     return save_model(init_model(size, seed), out)
 
 
-
 def default_zoo_dir(size: str = "tiny", seed: int = 0) -> Path:
     """Where a zoo lives by default: ``$SCF_CACHE/zoo/<size>-seed<seed>``.
 
@@ -294,7 +293,7 @@ def build_zoo(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         _build_into(tmp, size, seed, digest, progress)
-        _publish(tmp, out, digest)
+        _publish(tmp, out, digest, replace_same_build=force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -312,9 +311,10 @@ def _is_built(out: Path, digest: str) -> bool:
     return card.get("build_hash") == digest and complete
 
 
-def _publish(tmp: Path, out: Path, digest: str) -> None:
-    """Move a finished build into place (atomic rename); a concurrent identical build may have won."""
-    if _is_built(out, digest):
+def _publish(tmp: Path, out: Path, digest: str, *, replace_same_build: bool) -> None:
+    """Move a finished build into place by renames; unless forced, keep an identical build that a
+    concurrent builder published first."""
+    if not replace_same_build and _is_built(out, digest):
         return
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
