@@ -326,42 +326,55 @@ def _publish(tmp: Path, out: Path, digest: str, *, replace_same_build: bool) -> 
 
 
 @contextmanager
-def _build_environment(progress: bool) -> Iterator[None]:
-    """Fixed torch threads; without progress, also no library bars (weights writing, datasets)."""
+def _build_environment() -> Iterator[None]:
+    """Fixed torch threads, and no library progress bars (writing weights, loading test sets): the
+    zoo's own bars (one per model, one for scoring) say where the build is."""
     import datasets
     import transformers
 
     previous_threads = torch.get_num_threads()
-    bars_were_on = transformers.utils.logging.is_progress_bar_enabled()
-    datasets_bars_were_on = not datasets.utils.are_progress_bars_disabled()
+    transformers_bars = transformers.utils.logging.is_progress_bar_enabled()
+    datasets_bars = not datasets.utils.are_progress_bars_disabled()
     torch.set_num_threads(ZOO_THREADS)
-    if not progress:
-        transformers.utils.logging.disable_progress_bar()
-        datasets.utils.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.utils.disable_progress_bars()
     try:
         yield
     finally:
         torch.set_num_threads(previous_threads)
-        if bars_were_on:
+        if transformers_bars:
             transformers.utils.logging.enable_progress_bar()
-        if datasets_bars_were_on:
+        if datasets_bars:
             datasets.utils.enable_progress_bars()
 
 
 def _build_into(tmp: Path, size: str, seed: int, digest: str, progress: bool) -> None:
     """Train every zoo model into ``tmp``, score them, write the cards."""
     started = time.perf_counter()
+    with _build_environment():
+        trained = _train_all(tmp, size, seed, progress)
+        models = tqdm(ZOO_MODELS, desc="zoo: scoring", disable=not progress, leave=False)
+        scores = {name: score_model(tmp / name) for name in models}
+    _write_cards(tmp, size, seed, digest, trained, scores, seconds=time.perf_counter() - started)
+
+
+def _train_all(tmp: Path, size: str, seed: int, progress: bool) -> dict[str, dict]:
+    """Train and save base, then each specialist from base's weights; returns each model's training facts."""
     recipe = RECIPES[size]
-    trained: dict[str, dict] = {}
-    with _build_environment(progress):
-        base = init_model(size, seed)
-        trained["base"] = _train_and_save(base, "base", recipe, seed, tmp, progress)
-        base_state = {name: tensor.clone() for name, tensor in base.state_dict().items()}
-        for name in ZOO_MODELS[1:]:
-            base.load_state_dict(base_state)  # every specialist starts from the same base weights
-            trained[name] = _train_and_save(base, name, recipe, seed, tmp, progress)
-        scores = {name: score_model(tmp / name) for name in tqdm(ZOO_MODELS, desc="zoo: scoring",
-                                                                  disable=not progress, leave=False)}
+    model = init_model(size, seed)
+    trained = {"base": _train_and_save(model, "base", recipe, seed, tmp, progress)}
+    base_state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    for name in ZOO_MODELS[1:]:
+        model.load_state_dict(base_state)  # every specialist starts from the same base weights
+        trained[name] = _train_and_save(model, name, recipe, seed, tmp, progress)
+    return trained
+
+
+def _write_cards(
+    tmp: Path, size: str, seed: int, digest: str, trained: dict, scores: dict, seconds: float
+) -> None:
+    from evals.suites import lib_versions  # lm-eval behind it: import only when building
+
     for name in ZOO_MODELS:
         card = {
             "model": name,
@@ -376,14 +389,16 @@ def _build_into(tmp: Path, size: str, seed: int, digest: str, progress: bool) ->
             "scored_with": SCORING,
         }
         _write_json(tmp / name / "model_card.json", card)
-    _write_json(tmp / "zoo_card.json", {
+    zoo_card = {
         "build_hash": digest,
         "settings": build_settings(size, seed),
         "models": list(ZOO_MODELS),
         "scores": scores,
         "scored_with": SCORING,
-        "seconds": round(time.perf_counter() - started, 1),
-    })
+        "seconds": round(seconds, 1),
+        "lib_versions": lib_versions("transformers"),
+    }
+    _write_json(tmp / "zoo_card.json", zoo_card)
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -110,6 +110,7 @@ def test_cards_say_how_each_model_was_trained(tiny_zoo):
     zoo_card = _card(tiny_zoo)
     assert zoo_card["build_hash"] == zoo.build_hash("tiny", 0)
     assert zoo_card["settings"] == json.loads(json.dumps(zoo.build_settings("tiny", 0)))
+    assert zoo_card["lib_versions"]["torch"] == torch.__version__
     recipe = zoo.RECIPES["tiny"]
     for name in zoo.ZOO_MODELS:
         card = json.loads((tiny_zoo / name / "model_card.json").read_text())
