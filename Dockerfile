@@ -35,7 +35,7 @@ COPY scf/ scf/
 COPY evals/ evals/
 COPY tasks/ tasks/
 COPY flows/ flows/
-RUN python -m pip install -e ".[vllm]"
+RUN python -m pip install -e ".[vllm,evals]"
 
 # Run configs, deployments and the worker script change more often than dependencies.
 COPY configs/ configs/

@@ -19,6 +19,15 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("SCF_CACHE", str(REPO / ".cache" / "scf-pipeline"))
+# The models in tests are tiny: one intra-op thread is faster than two fighting over 2 cores
+# with the Prefect server and worker subprocesses some tests start.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
