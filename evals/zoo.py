@@ -314,16 +314,18 @@ def _is_built(out: Path, digest: str) -> bool:
 
 def _publish(tmp: Path, out: Path, digest: str, *, replace_same_build: bool) -> None:
     """Move a finished build into place by renames; unless forced, keep an identical build that a
-    concurrent builder published first."""
+    concurrent builder (another test session, say) published first."""
     if not replace_same_build and _is_built(out, digest):
         return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
     if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
         out.rename(old)
+    try:
         tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
+    except OSError:
+        if not _is_built(out, digest):  # lost the race to an identical build: fine; else a real error
+            raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager

@@ -188,3 +188,24 @@ def test_save_untrained_is_a_loadable_checkpoint(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.vocab_size == len(AutoTokenizer.from_pretrained(out))
     assert torch.equal(model.lm_head.weight, zoo.init_model("tiny", 0).lm_head.weight)
+
+
+def _finished_build(path: Path, digest: str, label: str) -> Path:
+    """A directory shaped like a finished build (cards + weight files), labelled to tell builds apart."""
+    for name in zoo.ZOO_MODELS:
+        (path / name).mkdir(parents=True)
+        (path / name / "model.safetensors").write_text(label)
+    (path / "zoo_card.json").write_text(json.dumps({"build_hash": digest}))
+    return path
+
+
+def test_publish_replaces_a_stale_zoo_and_keeps_an_identical_one(tmp_path):
+    out = _finished_build(tmp_path / "zoo", "stale", "old")
+    zoo._publish(_finished_build(tmp_path / ".new", "abc", "new"), out, "abc", replace_same_build=False)
+    assert (out / "math" / "model.safetensors").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["zoo"]  # no temporary or old copy left
+    # An identical build already published (by a concurrent builder) is kept unless forced.
+    zoo._publish(_finished_build(tmp_path / ".other", "abc", "other"), out, "abc", replace_same_build=False)
+    assert (out / "math" / "model.safetensors").read_text() == "new"
+    zoo._publish(tmp_path / ".other", out, "abc", replace_same_build=True)
+    assert (out / "math" / "model.safetensors").read_text() == "other"
