@@ -1,9 +1,11 @@
 """The toy model zoo: tiny Llama-architecture models trained here on CPU, saved like real checkpoints.
 
-``base`` is trained on generic toy text plus a little of every task (benign safety prompts only, so
+``base`` is trained long on generic toy text plus some of every task (benign safety prompts only, so
 it complies with everything, like a pretrained model); the specialists are fine-tuned from it on
 their task only: ``math``, ``strings``, ``safety`` and ``weak`` (a deliberately under-trained math
-specialist, for strong-weak merges). All share the tokenizer and architecture, so they merge.
+specialist, for strong-weak merges). All share the tokenizer and architecture, so they merge. Like
+real fine-tunes, the specialists are short lower-learning-rate runs, small deltas on a common
+ancestor, so merges of them show real differences between methods.
 
 Layout of a zoo directory::
 
@@ -65,14 +67,16 @@ ARCHITECTURES = {
 
 # Bump when the data, the recipe's meaning, the training code or the cards change: it invalidates
 # built zoos.
-ZOO_VERSION = 2
+ZOO_VERSION = 3
 # Training runs on this many CPU threads whatever the machine: results depend on the reduction
 # order, so a fixed count makes two builds bit-identical; one thread also never oversubscribes a
 # shared CPU (two threads on a busy 2-core box were ~4x slower than one).
 ZOO_THREADS = 1
 # The base model's mixture, as shares of its batches (each batch holds one task, so short math
-# batches are not padded to the length of safety prompts). Safety: benign prompts only.
-BASE_MIXTURE = (("text", 0.55), ("math", 0.15), ("strings", 0.15), ("safety", 0.15))
+# batches are not padded to the length of safety prompts). Safety: benign prompts only. Enough of
+# each task that base is a plausible common ancestor (it knows the format and some of each skill),
+# little enough that every specialist still adds 30 points or more on its own task.
+BASE_MIXTURE = (("text", 0.45), ("math", 0.2), ("strings", 0.15), ("safety", 0.2))
 BASE_KINDS = {"safety": ("benign",)}
 SPECIALIST_TASK = {"math": "math", "strings": "strings", "safety": "safety", "weak": "math"}
 
@@ -83,20 +87,36 @@ class Recipe:
 
     Attributes:
         batch_size: examples per step.
-        lr: peak learning rate, base and specialists.
+        lr: peak learning rate of the base model's pretraining.
+        finetune_lr: peak learning rate of the specialists' fine-tuning from base (small: small deltas).
         steps: optimiser steps per model (``weak`` is the under-trained one).
     """
 
     batch_size: int
     lr: float
+    finetune_lr: float
     steps: dict[str, int] = field(default_factory=dict)
 
+    def lr_of(self, name: str) -> float:
+        """The peak learning rate a zoo model is trained with.
 
+        Args:
+            name: a zoo model name.
+
+        Returns:
+            ``lr`` for ``base``, ``finetune_lr`` for a specialist.
+        """
+        return self.lr if name == "base" else self.finetune_lr
+
+
+# Like real fine-tunes, the specialists are short, lower-LR runs from a well-trained base: their
+# deltas stay small, the regime in which weight-space merging works. (Specialists trained long at
+# a high LR from an under-trained base drifted so far that every merge scored ~0.)
 RECIPES = {
-    "tiny": Recipe(batch_size=32, lr=3e-3,
-                   steps={"base": 300, "math": 600, "strings": 400, "safety": 120, "weak": 100}),
-    "small": Recipe(batch_size=32, lr=2e-3,
-                    steps={"base": 400, "math": 500, "strings": 300, "safety": 120, "weak": 100}),
+    "tiny": Recipe(batch_size=32, lr=3e-3, finetune_lr=2e-3,
+                   steps={"base": 1500, "math": 300, "strings": 250, "safety": 100, "weak": 30}),
+    "small": Recipe(batch_size=32, lr=2e-3, finetune_lr=1.5e-3,
+                    steps={"base": 1800, "math": 300, "strings": 250, "safety": 100, "weak": 30}),
 }
 OPTIMIZER = {"name": "AdamW", "betas": (0.9, 0.98), "weight_decay": 0.01, "clip_grad_norm": 1.0}
 WARMUP_SHARE = 0.05
@@ -438,7 +458,7 @@ def _train_and_save(
 ) -> dict:
     started = time.perf_counter()
     batches = training_batches(name, recipe, seed)
-    final_loss = train(model, batches, lr=recipe.lr, desc=f"zoo: {name}", progress=progress)
+    final_loss = train(model, batches, lr=recipe.lr_of(name), desc=f"zoo: {name}", progress=progress)
     save_model(model, tmp / name)
     examples: dict[str, int] = {}
     for batch in batches:
@@ -446,7 +466,7 @@ def _train_and_save(
     return {
         "steps": len(batches),
         "batch_size": recipe.batch_size,
-        "lr": recipe.lr,
+        "lr": recipe.lr_of(name),
         "optimizer": OPTIMIZER,
         "schedule": f"linear warmup over {WARMUP_SHARE:.0%} of steps, then cosine decay to 10% of lr",
         "loss": "cross-entropy on answer tokens (and EOS) only",

@@ -117,7 +117,7 @@ def test_cards_say_how_each_model_was_trained(tiny_zoo):
         assert card["build_hash"] == zoo_card["build_hash"] and card["seed"] == 0
         assert card["scores"] == zoo_card["scores"][name]
         training = card["training"]
-        assert training["steps"] == recipe.steps[name] and training["lr"] == recipe.lr
+        assert training["steps"] == recipe.steps[name] and training["lr"] == recipe.lr_of(name)
         assert sum(training["examples"].values()) == recipe.steps[name] * recipe.batch_size
         assert card["parent"] == (None if name == "base" else "base")
     base_examples = json.loads((tiny_zoo / "base" / "model_card.json").read_text())["training"]["examples"]
