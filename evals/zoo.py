@@ -115,7 +115,7 @@ class Recipe:
 RECIPES = {
     "tiny": Recipe(batch_size=32, lr=3e-3, finetune_lr=2e-3,
                    steps={"base": 1500, "math": 300, "strings": 250, "safety": 100, "weak": 15}),
-    "small": Recipe(batch_size=32, lr=2e-3, finetune_lr=1.5e-3,
+    "small": Recipe(batch_size=32, lr=3e-3, finetune_lr=2e-3,
                     steps={"base": 1800, "math": 300, "strings": 250, "safety": 100, "weak": 15}),
 }
 OPTIMIZER = {"name": "AdamW", "betas": (0.9, 0.98), "weight_decay": 0.01, "clip_grad_norm": 1.0}
