@@ -153,7 +153,7 @@ def test_dockerfile_copies_existing_files_and_runs_the_worker_entrypoint() -> No
             assert (REPO / source).exists(), f"Dockerfile copies missing path {source}"
             assert source.rstrip("/") not in ignored, f".dockerignore drops {source}"
     installs = [args for kind, args in instructions if kind == "RUN" and "pip install" in args]
-    assert any('".[vllm]"' in args for args in installs)
+    assert any('".[vllm,evals]"' in args for args in installs)  # GPU backend + lm-eval task extras
     copies = dict(shlex.split(args)[-2:] for kind, args in instructions if kind == "COPY")
     assert copies["docker/worker-entrypoint.sh"] == "/usr/local/bin/scf-worker"
     assert ("CMD", '["scf-worker"]') in instructions
