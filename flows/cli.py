@@ -16,7 +16,12 @@ def build_parser() -> argparse.ArgumentParser:
     from flows import pipeline_cli
     from scf import cli as scf_cli
 
-    parser = argparse.ArgumentParser(prog="scf", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="scf",
+        description="Merge language models (SCF-RKL and baselines), evaluate them, and promote the "
+        "best through a fail-closed gate.",
+        epilog="Bad input prints 'error: ...' and exits with code 2. See README.md.",
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     scf_cli.register(subparsers)
     evals_cli.register(subparsers)
