@@ -48,7 +48,7 @@ from scf.spec import MergeSpec
 
 REPORT_NAME = "merge_report.json"
 CONFIG_NAME = "merge_config.yaml"
-_CHUNK = 2**20  # elements per chunk when comparing fused values with the inputs
+_CHUNK = 2**22  # elements per chunk when comparing fused values with the inputs (4 MB masks)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -390,6 +390,10 @@ def _merge_tensor(plan: MergePlan, output: OutputTensor, tensors: list[torch.Ten
         untouched = {f"secondary_{i}": 0.0 for i in range(plan.n_secondaries)}
         fractions = {"base": 1.0, **untouched, "neither": 0.0}
     else:
+        # The float32 inputs round exactly to a float32 output or to the dtype they were stored in,
+        # so fraction_from may then compare in float32 without rounding each model.
+        representable = output.dtype == torch.float32 or all(
+            t.dtype == output.dtype for t in tensors[: 1 + plan.n_secondaries])
         inputs = [_to_compute(t, name, label, plan) for t, label in zip(tensors, plan.labels, strict=True)]
         tensors.clear()  # drop the stored-dtype originals (the caller's list) once upcast
         models = inputs[: 1 + plan.n_secondaries]
@@ -400,7 +404,7 @@ def _merge_tensor(plan: MergePlan, output: OutputTensor, tensors: list[torch.Ten
         _check_fused(fused32, output, plan.spec.method)
         fused = fused32.to(output.dtype)
         del fused32
-        fractions = fraction_from(fused, models)
+        fractions = fraction_from(fused, models, representable=representable)
         if name in plan.diagnosed:  # None marks a matrix too large to diagnose cheaply
             too_large = fused.numel() > diag.MAX_ELEMENTS
             diagnostics[name] = None if too_large else diag.matrix_diagnostics(models[0], fused)
@@ -442,32 +446,48 @@ def _check_fused(fused: torch.Tensor, output: OutputTensor, method: str) -> None
         raise ScfError(f"method {method!r} produced NaN/Inf for tensor {output.name!r}; check its params")
 
 
-def fraction_from(fused: torch.Tensor, models: list[torch.Tensor]) -> dict[str, float]:
+def fraction_from(fused: torch.Tensor, models: list[torch.Tensor], *,
+                  representable: bool = False) -> dict[str, float]:
     """Share of elements whose written value equals the base's, else each secondary's, else none.
 
     Args:
         fused: the fused tensor as written (output dtype).
         models: ``[base, *secondaries]`` (float32, same shape), compared after rounding to the
             output dtype. An element equal to several models counts for the first of them.
+        representable: the caller knows every model value is exactly representable in
+            ``fused``'s dtype (inputs stored in it, or a float32 output). Rounding them is then
+            the identity, so ``fused`` is upcast instead (exact): one conversion, not one per model.
 
     Returns:
         ``{"base": f, "secondary_0": f, ..., "neither": f}``, summing to 1.
     """
-    counts = [0] * (len(models) + 1)  # base, secondaries..., neither
-    # Flat chunks keep the boolean masks small next to the tensors themselves.
-    chunks = zip(fused.reshape(-1).split(_CHUNK), *(m.reshape(-1).split(_CHUNK) for m in models), strict=True)
-    for fused_chunk, *model_chunks in chunks:
-        unclaimed = torch.ones_like(fused_chunk, dtype=torch.bool)
-        for i, model_chunk in enumerate(model_chunks):
-            # Compared in the output dtype: with --dtype narrower than the inputs, a copied value
-            # is the input rounded to it.
-            claimed = unclaimed & (fused_chunk == model_chunk.to(fused_chunk.dtype))
-            counts[i] += int(claimed.count_nonzero())
-            unclaimed &= ~claimed
-        counts[-1] += int(unclaimed.count_nonzero())
-    numel = max(fused.numel(), 1)
+    numel = fused.numel()
+    flat_fused, flat_models = fused.reshape(-1), [m.reshape(-1) for m in models]
+    # claimed_upto[i]: elements equal to any of models[: i + 1]; the first claimant's share is the
+    # difference of consecutive totals. Two reused flat buffers keep the masks small and each chunk
+    # costs one comparison, one OR and one count per model (few kernels: each is a sync point).
+    claimed_upto = [0] * len(models)
+    size = min(numel, _CHUNK)
+    claimed = torch.empty(size, dtype=torch.bool, device=fused.device)
+    equal = torch.empty(size, dtype=torch.bool, device=fused.device)
+    for start in range(0, numel, _CHUNK):
+        fused_chunk = flat_fused[start: start + _CHUNK]
+        n = fused_chunk.numel()
+        if representable:
+            fused_chunk = fused_chunk.to(flat_models[0].dtype)
+        for i, model in enumerate(flat_models):
+            model_chunk = model[start: start + _CHUNK]
+            if not representable:  # a copied value is the input rounded to the output dtype
+                model_chunk = model_chunk.to(fused_chunk.dtype)
+            if i == 0:
+                torch.eq(fused_chunk, model_chunk, out=claimed[:n])
+            else:
+                claimed[:n].bitwise_or_(torch.eq(fused_chunk, model_chunk, out=equal[:n]))
+            claimed_upto[i] += int(claimed[:n].count_nonzero())
+    bounds = [0, *claimed_upto, numel]
+    counts = [high - low for low, high in zip(bounds, bounds[1:], strict=False)]
     keys = ["base", *(f"secondary_{i}" for i in range(len(models) - 1)), "neither"]
-    return {key: count / numel for key, count in zip(keys, counts, strict=True)}
+    return {key: count / max(numel, 1) for key, count in zip(keys, counts, strict=True)}
 
 
 def _report(plan: MergePlan, records: list[dict[str, Any]], timings: dict[str, float],
