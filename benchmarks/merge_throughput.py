@@ -33,6 +33,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -442,14 +443,47 @@ def child_main(job_json: str) -> int:
         from scf.spec import MergeSpec
 
         spec = MergeSpec(**job["spec"])
+        sampler = _RssSampler()
         start = time.perf_counter()
         report = merge(spec, Path(job["out"]), overwrite=True, progress=True)
         result = RunResult(wall_s=time.perf_counter() - start, peak_rss_bytes=_peak_rss_bytes())
         result.extra = {"timings": report.get("timings", {}), "totals": report.get("totals", {})}
+        result.extra |= sampler.stop()
     except Exception as exc:  # reported in the table; the benchmark goes on with the next method
         result = RunResult(error=f"{type(exc).__name__}: {exc}")
     print(RESULT_PREFIX + json.dumps(asdict(result)), flush=True)
     return 0 if result.error is None else 1
+
+
+class _RssSampler:
+    """Samples /proc/self/status every 20 ms: peak anonymous memory and peak file-backed RSS.
+
+    getrusage's peak RSS also counts pages of memory-mapped input files (safetensors reads through
+    mmap), which the kernel can drop at will; the split tells real allocations from those.
+    """
+
+    def __init__(self) -> None:
+        self.peaks = {"RssAnon": 0, "RssFile": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            try:
+                lines = Path("/proc/self/status").read_text().splitlines()
+            except OSError:  # not Linux: no split
+                return
+            for line in lines:
+                key, _, value = line.partition(":")
+                if key in self.peaks:
+                    self.peaks[key] = max(self.peaks[key], int(value.split()[0]) * 1024)
+
+    def stop(self) -> dict:
+        """Stop sampling; returns ``{"peak_anon_bytes": ..., "peak_file_bytes": ...}``."""
+        self._stop.set()
+        self._thread.join()
+        return {"peak_anon_bytes": self.peaks["RssAnon"], "peak_file_bytes": self.peaks["RssFile"]}
 
 
 def _peak_rss_bytes() -> int:
@@ -695,6 +729,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         raise SystemExit(f"error: unknown method(s) {unknown}; available: {', '.join(METHODS)}")
     shard_bytes = parse_size(args.shard_size)
     load_before = os.getloadavg()
+    started = dt.datetime.now(dt.UTC)
     family = build_family(shape, workdir, args.seed)
     mergekit_python = _mergekit_python(args)
 
@@ -734,7 +769,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     floors[3].append(io_floor(inputs3, workdir / "out" / "floor", shard_bytes))
     results = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": f"{started:%Y-%m-%d, %H:%M}-{dt.datetime.now(dt.UTC):%H:%M} UTC",
         "machine": _machine_line(),
         "load_average": {"before": load_before, "after": os.getloadavg()},
         "shape": asdict(shape),
@@ -799,18 +834,20 @@ def format_report(results: dict) -> str:
     lines += [
         "",
         "| method | inputs | wall s | x I/O floor | peak RSS | RSS / largest fp32 "
-        "| read / compute / write s |",
-        "|---|---|---|---|---|---|---|",
+        "| peak anon / file-backed | read / compute / write s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
         ours = row["ours"]
         if ours["error"]:
-            lines.append(f"| {row['method']} | {row['n_inputs']} | - | - | - | - | {ours['error'][:120]} |")
+            failed = f"| {row['method']} | {row['n_inputs']} |" + " - |" * 5
+            lines.append(f"{failed} {ours['error'][:120]} |")
             continue
         lines.append(
             f"| {row['method']} | {row['n_inputs']} | {ours['wall_s']:.2f} | "
             f"{ours['wall_s'] / floor[row['n_inputs']]:.2f} | {_gb(ours['peak_rss_bytes'])} | "
-            f"{ours['peak_rss_bytes'] / largest:.2f} | {_fmt_split(ours['extra'].get('timings', {}))} |"
+            f"{ours['peak_rss_bytes'] / largest:.2f} | {_fmt_rss_split(ours['extra'])} | "
+            f"{_fmt_split(ours['extra'].get('timings', {}))} |"
         )
     mk_rows = [row for row in results["rows"] if row["mergekit"] is not None]
     if mk_rows:
@@ -843,6 +880,12 @@ def _format_mergekit_row(row: dict, floor: dict[int, float]) -> str:
     if cmp["missing"]:
         differ += f"; in one output only: {cmp['missing'][:3]}"
     return head + f" {cmp['max_abs_diff']:.3g} | {cmp['max_ulp']} | {cmp['tensors_over_1ulp']} | {differ} |"
+
+
+def _fmt_rss_split(extra: dict) -> str:
+    if not extra.get("peak_anon_bytes"):
+        return "-"
+    return f"{_gb(extra['peak_anon_bytes'])} / {_gb(extra['peak_file_bytes'])}"
 
 
 def _fmt_split(timings: dict) -> str:

@@ -130,6 +130,7 @@ def test_tiny_run_measures_floor_time_and_rss_per_method(tiny_family, tmp_path, 
         assert row["ours"]["error"] is None
         assert row["ours"]["wall_s"] > 0
         assert row["ours"]["peak_rss_bytes"] > 50e6  # a real process with torch loaded
+        assert 0 < row["ours"]["extra"]["peak_anon_bytes"] <= row["ours"]["peak_rss_bytes"]
     table = capsys.readouterr().out
     assert "| scf_rkl | 2 |" in table and "| task_arithmetic | 3 |" in table
     assert not (workdir / "out" / "scf_rkl").exists()  # outputs removed unless --keep-outputs
