@@ -27,7 +27,7 @@ from scf.quantile import quantiles
 
 # The paper ("Beyond Parameter Arithmetic: Sparse Complementary Fusion for Distribution-Aware Model
 # Merging", Lin et al., 2026); its arXiv id is not in our copy, so this is a title search.
-_SELECT_CHUNK = 1 << 20  # elements per step of the final select
+_SELECT_CHUNK = 1 << 22  # elements per step of the final select (4 MB masks: few kernel launches)
 
 SCF_RKL_URL = (
     "https://arxiv.org/search/?searchtype=title&query="
