@@ -28,20 +28,25 @@ def task_dir(tmp_path_factory) -> Path:
     return prepare_toy_tasks(tmp_path_factory.mktemp("tasks"), seed=0)
 
 
-@pytest.fixture(scope="module")
-def run(backend, task_dir):
+def _run_local(backend, tasks: list[str], include_path: Path, limit: int):
+    """lm-eval on our backend's model with only the tasks found under ``include_path``."""
     return run_lm_eval(
         hf_lm(backend, GEN),
-        ["toy_math", "toy_strings"],
+        tasks,
         gen=GEN,
-        limit=3,
+        limit=limit,
         loop=LoopThresholds(),
         chat_template=True,
         tokenizer=backend.tokenizer,
         device="cpu",
-        include_path=task_dir,
+        include_path=include_path,
         include_defaults=False,
     )
+
+
+@pytest.fixture(scope="module")
+def run(backend, task_dir):
+    return _run_local(backend, ["toy_math", "toy_strings"], task_dir, limit=3)
 
 
 def test_toy_task_files_pin_absolute_data_paths(task_dir):
@@ -109,18 +114,7 @@ def test_lm_eval_generates_what_our_backend_generates(run, backend):
 
 def test_unknown_task_is_named(backend, task_dir):
     with pytest.raises(EvalError, match="unknown lm-eval task 'toy_mth'; did you mean: toy_math"):
-        run_lm_eval(
-            hf_lm(backend, GEN),
-            ["toy_mth"],
-            gen=GEN,
-            limit=1,
-            loop=LoopThresholds(),
-            chat_template=True,
-            tokenizer=backend.tokenizer,
-            device="cpu",
-            include_path=task_dir,
-            include_defaults=False,
-        )
+        _run_local(backend, ["toy_mth"], task_dir, limit=1)
 
 
 def test_dataset_missing_offline_is_a_clear_error(backend, tmp_path):
@@ -134,15 +128,4 @@ def test_dataset_missing_offline_is_a_clear_error(backend, tmp_path):
         "metric_list:\n  - metric: exact_match\n"
     )
     with pytest.raises(EvalError, match="could not load the data of hub_task.*local Hugging Face cache"):
-        run_lm_eval(
-            hf_lm(backend, GEN),
-            ["hub_task"],
-            gen=GEN,
-            limit=1,
-            loop=LoopThresholds(),
-            chat_template=True,
-            tokenizer=backend.tokenizer,
-            device="cpu",
-            include_path=tmp_path,
-            include_defaults=False,
-        )
+        _run_local(backend, ["hub_task"], tmp_path, limit=1)
