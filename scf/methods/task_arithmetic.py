@@ -84,7 +84,7 @@ class SceParams(MethodParams):
 
 
 def merge_task_vectors(
-    deltas: torch.Tensor,
+    deltas: torch.Tensor | list[torch.Tensor],
     weights: list[float],
     *,
     consensus: bool,
@@ -96,7 +96,8 @@ def merge_task_vectors(
     """The shared core after sparsifying: weight, sign consensus, sum, normalize, lambda.
 
     Args:
-        deltas: ``(models, *shape)`` stacked (already sparsified) task vectors.
+        deltas: ``(models, *shape)`` stacked (already sparsified) task vectors, or a list of them.
+            Without consensus a list is summed one model at a time, so no stacked copy is made.
         weights: one weight per model.
         consensus: keep only entries whose sign agrees with the elected sign (TIES).
         normalize: divide by the sum of the weights that took part (per element with consensus;
@@ -110,10 +111,11 @@ def merge_task_vectors(
     Returns:
         The merged task vector, ``shape``.
     """
-    w = weight_tensor(weights, deltas[0])  # (models, 1, ..., 1)
-    weighted = deltas * w
     if consensus:
-        agree = sign_consensus(weighted if elect_weighted else deltas)
+        stacked = torch.stack(deltas) if isinstance(deltas, list) else deltas
+        w = weight_tensor(weights, stacked[0])  # (models, 1, ..., 1)
+        weighted = stacked * w
+        agree = sign_consensus(weighted if elect_weighted else stacked)
         merged = (weighted * agree).sum(dim=0)
         divisor = (w * agree).sum(dim=0)
         if divisor_floor is None:
@@ -121,14 +123,29 @@ def merge_task_vectors(
         else:
             divisor.clamp_(min=divisor_floor)
     else:
-        merged = weighted.sum(dim=0)
-        divisor = w.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
+        merged, divisor = _weighted_sum(deltas, weights)
     if normalize:
         merged /= divisor
     if lambda_ != 1:
         merged *= lambda_
     return merged
+
+
+def _weighted_sum(deltas: torch.Tensor | list[torch.Tensor], weights: list[float]):
+    """``sum_i w_i * delta_i`` accumulated one model at a time, and the divisor ``sum_i w_i``.
+
+    Starting from zeros and adding in model order gives bit for bit what ``(stack * w).sum(0)``
+    gives (torch's reduction starts from +0 too), with one accumulator instead of two stacked
+    copies of every task vector.
+    """
+    w = torch.tensor(weights, dtype=deltas[0].dtype, device=deltas[0].device)
+    merged = torch.zeros_like(deltas[0])
+    for delta, weight in zip(deltas, w, strict=True):
+        merged += delta * weight
+    divisor = w.sum()
+    if divisor.abs() < 1e-8:
+        divisor = torch.ones_like(divisor)
+    return merged, divisor
 
 
 def task_arithmetic(inputs: TensorInputs, params: TaskArithmeticParams) -> torch.Tensor:
@@ -206,7 +223,7 @@ def _generalized(
             delta = delta / density
         deltas.append(delta)
     merged = merge_task_vectors(
-        torch.stack(deltas), weights, consensus=consensus, normalize=params.normalize, lambda_=params.lambda_
+        deltas, weights, consensus=consensus, normalize=params.normalize, lambda_=params.lambda_
     )
     return reference + merged
 
