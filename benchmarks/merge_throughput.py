@@ -688,16 +688,6 @@ def compare_outputs(
 # --------------------------------------------------------------------------------------------
 
 
-def parse_size(text: str) -> int:
-    """``"5GB"`` / ``"500MB"`` / ``"200000"`` -> bytes (decimal units, as HF shard sizes)."""
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-    text = text.strip().upper()
-    for suffix, factor in units.items():
-        if text.endswith(suffix):
-            return int(float(text[: -len(suffix)]) * factor)
-    return int(text)
-
-
 @dataclass
 class BenchmarkRow:
     """One line of the results table."""
@@ -720,6 +710,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         Everything measured, as a JSON-ready dict (also written to ``--json`` when given).
     """
     from scf.methods.registry import METHODS
+    from scf.spec import parse_size  # the floor's shards are sized exactly as the merge's
 
     shape = SHAPES[args.shape]
     workdir = Path(args.workdir)
