@@ -65,19 +65,23 @@ def importance(
     """SCF importance ``I = |other - base| * KL_row``, the row's divergence broadcast over the row.
 
     Args:
-        base: float32 tensor of rank >= 1.
-        other: float32 tensor of the same shape.
+        base: float tensor of rank >= 1, any float dtype (bf16/fp16 inputs are upcast a chunk of
+            rows at a time, never as a whole).
+        other: float tensor of the same shape.
         eps: see ``row_divergence``.
         reverse: see ``row_divergence``.
 
     Returns:
         float32 tensor of ``base``'s shape; every element is >= 0.
     """
-    divergence = row_divergence(base, other, eps=eps, reverse=reverse).to(torch.float32)
-    # Whole-tensor ops, not per row chunk: each kernel launch is a thread sync, which dominates on a
-    # busy CPU (and on a GPU); the float32 operands stream through memory either way.
-    result = torch.sub(other, base).abs_()
-    as_rows(result).mul_(divergence.unsqueeze(1))
+    base_rows, other_rows = as_rows(base), as_rows(other)
+    result = torch.empty(base.shape, dtype=torch.float32, device=base.device)
+    result_rows = as_rows(result)
+    scratch = _Scratch(base_rows)
+    for rows, (b, o) in _row_chunks(base_rows, other_rows):
+        b32, o32 = scratch.float32(b, o)
+        divergence = scratch.divergence(b32, o32, eps, reverse).to(torch.float32)
+        torch.sub(o32, b32, out=result_rows[rows]).abs_().mul_(divergence.unsqueeze(1))
     return result
 
 
@@ -100,7 +104,7 @@ def _row_chunks(base_rows: torch.Tensor, other_rows: torch.Tensor):
 
 
 class _Scratch:
-    """Three float64 chunk buffers reused for every chunk of one tensor.
+    """Chunk buffers reused for every chunk of one tensor (three float64, two float32).
 
     Allocating fresh MB-sized tensors per chunk costs page faults that take longer than the math.
     """
@@ -110,6 +114,14 @@ class _Scratch:
         shape = (min(n_rows, _rows_per_chunk(width)), width)
         self.q, self.p, self.upcast = (torch.empty(shape, dtype=torch.float64, device=rows.device)
                                        for _ in range(3))
+        self.b32, self.o32 = (torch.empty(shape, dtype=torch.float32, device=rows.device) for _ in range(2))
+
+    def float32(self, b: torch.Tensor, o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A chunk of rows of both tensors as float32 (a view when already float32)."""
+        n = b.shape[0]
+        b32 = b if b.dtype == torch.float32 else self.b32[:n].copy_(b)
+        o32 = o if o.dtype == torch.float32 else self.o32[:n].copy_(o)
+        return b32, o32
 
     def divergence(self, b: torch.Tensor, o: torch.Tensor, eps: float, reverse: bool) -> torch.Tensor:
         """Row KL of a ``(rows, width)`` chunk, in float64; returns ``(rows,)``."""

@@ -17,8 +17,11 @@ import contextlib
 import hashlib
 import json
 import os
+import queue
 import shutil
 import struct
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -502,6 +505,69 @@ class ShardedWriter:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+
+
+class BackgroundWriter:
+    """Feeds a `ShardedWriter` from a thread, so writing a tensor (and fsyncing a finished shard)
+    overlaps the computation of the next one.
+
+    At most one tensor waits in the queue while another is being written, so memory holds at most
+    two output tensors beyond the one being computed. A write error is raised by the next `write`
+    or by `finish`. A tensor handed to `write` must not be modified afterwards.
+
+    Attributes:
+        busy_seconds: time the thread spent writing (it overlaps the caller's work).
+    """
+
+    def __init__(self, writer: ShardedWriter) -> None:
+        self.busy_seconds = 0.0
+        self._writer = writer
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="scf-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # drain after a failure; the caller sees the error
+            started = time.perf_counter()
+            try:
+                self._writer.write(*item)
+            except BaseException as exc:  # handed to the caller
+                self._error = exc
+            self.busy_seconds += time.perf_counter() - started
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue the next tensor (blocks while another one is already waiting).
+
+        Args:
+            name: tensor name, in the planned order.
+            tensor: its data; not to be modified after this call.
+        """
+        self._raise_error()
+        self._queue.put((name, tensor))
+
+    def finish(self) -> None:
+        """Wait for every queued tensor, then finish the shards and the index."""
+        self._stop()
+        self._raise_error()
+        self._writer.finish()
+
+    def abort(self) -> None:
+        """Stop after a failure elsewhere: drop queued tensors, close the open shard."""
+        self._error = self._error or RuntimeError("aborted")
+        self._stop()
+        self._writer.abort()
+
+    def _stop(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
 
 
 def _header_bytes(shard: list[OutputTensor], metadata: dict[str, str]) -> bytes:

@@ -33,6 +33,7 @@ from scf import diagnostics as diag
 from scf.errors import ScfError
 from scf.io import (
     AtomicDir,
+    BackgroundWriter,
     Checkpoint,
     OutputTensor,
     ShardedWriter,
@@ -356,7 +357,7 @@ class _Prefetcher:
 def _execute(plan: MergePlan, out_dir: Path, progress: bool) -> dict[str, Any]:
     """Fuse every tensor into ``out_dir`` and return the report (without total time and RSS)."""
     metadata = {"scf_method": plan.spec.method, "scf_version": scf.__version__}
-    writer = ShardedWriter(out_dir, plan.outputs, plan.spec.shard_size_bytes, metadata)
+    writer = BackgroundWriter(ShardedWriter(out_dir, plan.outputs, plan.spec.shard_size_bytes, metadata))
     names = [t.name for t in plan.outputs]
     reader = _Prefetcher(plan.checkpoints, names)
     records: list[dict[str, Any]] = []
@@ -366,9 +367,13 @@ def _execute(plan: MergePlan, out_dir: Path, progress: bool) -> dict[str, Any]:
         bar = tqdm(plan.outputs, desc=f"merge {plan.spec.method}", unit="tensor", disable=not progress)
         for output in bar:
             name, tensors = reader.get()
-            record = _merge_tensor(plan, output, tensors, writer, timings, diagnostics)
+            started = time.perf_counter()
+            fused, record = _merge_tensor(plan, output, tensors, diagnostics)
             del tensors
             reader.release()
+            timings["compute_seconds"] += time.perf_counter() - started
+            writer.write(name, fused)  # written by a thread while the next tensor is computed
+            del fused
             records.append(record)
         writer.finish()
     except BaseException:
@@ -377,12 +382,13 @@ def _execute(plan: MergePlan, out_dir: Path, progress: bool) -> dict[str, Any]:
     finally:
         reader.close()
     timings["read_seconds"] = reader.read_seconds
+    timings["write_seconds"] = writer.busy_seconds
     return _report(plan, records, timings, diagnostics)
 
 
-def _merge_tensor(plan: MergePlan, output: OutputTensor, tensors: list[torch.Tensor], writer: ShardedWriter,
-                  timings: dict[str, float], diagnostics: dict[str, Any]) -> dict[str, Any]:
-    """Fuse, check, measure and write one tensor; returns its report entry."""
+def _merge_tensor(plan: MergePlan, output: OutputTensor, tensors: list[torch.Tensor],
+                  diagnostics: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Fuse, check and measure one tensor; returns it (output dtype) and its report entry."""
     started = time.perf_counter()
     name = output.name
     if not tensors[0].dtype.is_floating_point:  # integer buffers: keep the base's
@@ -390,37 +396,35 @@ def _merge_tensor(plan: MergePlan, output: OutputTensor, tensors: list[torch.Ten
         untouched = {f"secondary_{i}": 0.0 for i in range(plan.n_secondaries)}
         fractions = {"base": 1.0, **untouched, "neither": 0.0}
     else:
-        # The float32 inputs round exactly to a float32 output or to the dtype they were stored in,
-        # so fraction_from may then compare in float32 without rounding each model.
+        # Stored values round exactly to a float32 output or to their own dtype, so fraction_from
+        # may then compare without rounding each model first.
         representable = output.dtype == torch.float32 or all(
             t.dtype == output.dtype for t in tensors[: 1 + plan.n_secondaries])
-        inputs = [_to_compute(t, name, label, plan) for t, label in zip(tensors, plan.labels, strict=True)]
-        tensors.clear()  # drop the stored-dtype originals (the caller's list) once upcast
+        inputs = [_to_device(t, name, label, plan) for t, label in zip(tensors, plan.labels, strict=True)]
+        tensors.clear()  # the caller's list: drop the originals once moved (or upcast)
         models = inputs[: 1 + plan.n_secondaries]
         generator = torch.Generator(device=plan.device).manual_seed(tensor_seed(plan.spec.seed, name))
-        fused32 = plan.method.fn(
+        fused = plan.method.fn(
             TensorInputs(name, models[0], models[1:], inputs[-1] if plan.has_reference else None, generator),
             plan.params)
-        _check_fused(fused32, output, plan.spec.method)
-        fused = fused32.to(output.dtype)
-        del fused32
+        _check_fused(fused, output, plan.spec.method)
+        fused = fused.to(output.dtype)
         fractions = fraction_from(fused, models, representable=representable)
         if name in plan.diagnosed:  # None marks a matrix too large to diagnose cheaply
             too_large = fused.numel() > diag.MAX_ELEMENTS
-            diagnostics[name] = None if too_large else diag.matrix_diagnostics(models[0], fused)
+            diagnostics[name] = None if too_large else diag.matrix_diagnostics(models[0].float(), fused)
         del inputs, models
-    compute_done = time.perf_counter()
-    writer.write(name, fused)
-    finished = time.perf_counter()
-    timings["compute_seconds"] += compute_done - started
-    timings["write_seconds"] += finished - compute_done
-    return {"name": name, "shape": list(output.shape), "dtype": str(output.dtype).removeprefix("torch."),
-            "fraction_from": fractions, "sparsity": fractions["base"], "seconds": finished - started}
+    record = {"name": name, "shape": list(output.shape), "dtype": str(output.dtype).removeprefix("torch."),
+              "fraction_from": fractions, "sparsity": fractions["base"],
+              "seconds": time.perf_counter() - started}
+    return fused, record
 
 
-def _to_compute(tensor: torch.Tensor, name: str, label: str, plan: MergePlan) -> torch.Tensor:
-    """Move an input to the device as float32 and reject NaN/Inf, naming model, file and tensor."""
-    moved = tensor.to(device=plan.device, dtype=torch.float32)
+def _to_device(tensor: torch.Tensor, name: str, label: str, plan: MergePlan) -> torch.Tensor:
+    """An input on the compute device, in its stored dtype if the method streams from it, else as
+    float32; NaN/Inf is refused with a message naming the model, file and tensor."""
+    dtype = None if plan.method.stored_dtype else torch.float32
+    moved = tensor.to(device=plan.device, dtype=dtype)
     if not all_finite(moved):
         checkpoint = plan.checkpoints[plan.labels.index(label)]
         bad = int((~torch.isfinite(moved)).sum())
@@ -452,11 +456,12 @@ def fraction_from(fused: torch.Tensor, models: list[torch.Tensor], *,
 
     Args:
         fused: the fused tensor as written (output dtype).
-        models: ``[base, *secondaries]`` (float32, same shape), compared after rounding to the
-            output dtype. An element equal to several models counts for the first of them.
+        models: ``[base, *secondaries]`` (any float dtype, same shape), compared after rounding
+            to the output dtype. An element equal to several models counts for the first of them.
         representable: the caller knows every model value is exactly representable in
-            ``fused``'s dtype (inputs stored in it, or a float32 output). Rounding them is then
-            the identity, so ``fused`` is upcast instead (exact): one conversion, not one per model.
+            ``fused``'s dtype (stored in it, or a float32 output). Rounding them is then the
+            identity, so they are compared as they are (mixed dtypes compare exactly in the wider
+            one), with no rounded copy per model.
 
     Returns:
         ``{"base": f, "secondary_0": f, ..., "neither": f}``, summing to 1.
@@ -473,12 +478,10 @@ def fraction_from(fused: torch.Tensor, models: list[torch.Tensor], *,
     for start in range(0, numel, _CHUNK):
         fused_chunk = flat_fused[start: start + _CHUNK]
         n = fused_chunk.numel()
-        if representable:
-            fused_chunk = fused_chunk.to(flat_models[0].dtype)
         for i, model in enumerate(flat_models):
             model_chunk = model[start: start + _CHUNK]
-            if not representable:  # a copied value is the input rounded to the output dtype
-                model_chunk = model_chunk.to(fused_chunk.dtype)
+            if not representable and model_chunk.dtype != fused_chunk.dtype:
+                model_chunk = model_chunk.to(fused_chunk.dtype)  # a copied value is the input rounded
             if i == 0:
                 torch.eq(fused_chunk, model_chunk, out=claimed[:n])
             else:

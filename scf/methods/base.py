@@ -1,9 +1,11 @@
 """What every merge method receives and the pieces of parameter checking they share.
 
 A method is a pure function ``fn(inputs: TensorInputs, params: MethodParams) -> Tensor``. It gets one
-tensor name's worth of float32 tensors on the compute device and returns the fused tensor
-(float32, base's shape and device). It never opens files, never touches the global RNG and never
-modifies its inputs (the engine compares the result against them afterwards).
+tensor name's worth of tensors on the compute device: float32, or, for a method registered with
+``stored_dtype=True``, in the dtype they are stored in (bf16/fp16/fp32, possibly read-only views of
+memory-mapped files), which it converts to float32 a chunk at a time. It returns the fused tensor
+(a float dtype, base's shape and device). It never opens files, never touches the global RNG and
+never modifies its inputs (the engine compares the result against them afterwards).
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ class TensorInputs:
 
     Attributes:
         name: tensor name (used in error messages and to seed per-tensor RNGs).
-        base: the base model's tensor, float32, on the compute device.
-        secondaries: one tensor per secondary model, float32, same shape and device as ``base``.
-        reference: the common ancestor's tensor (task-vector methods), float32, or None.
+        base: the base model's tensor on the compute device (float32, or its stored dtype for a
+            ``stored_dtype`` method).
+        secondaries: one tensor per secondary model, same shape and device as ``base``.
+        reference: the common ancestor's tensor (task-vector methods), or None.
         generator: a ``torch.Generator`` on the compute device seeded from (seed, name) by the
             engine, for methods that sample (DARE); None when the method needs none.
     """
@@ -101,3 +104,12 @@ def weight_tensor(values: list[float], like: torch.Tensor) -> torch.Tensor:
     """
     weights = torch.tensor(values, dtype=like.dtype, device=like.device)
     return weights.view(-1, *([1] * like.dim()))
+
+
+def element_chunks(numel: int, chunk: int) -> list[slice]:
+    """Consecutive slices of at most ``chunk`` elements covering ``range(numel)`` (flat views).
+
+    Methods work a cache-sized chunk at a time: every float32 temporary is chunk-sized, not
+    tensor-sized, and inputs stored in bf16/fp16 are upcast one chunk at a time.
+    """
+    return [slice(start, min(start + chunk, numel)) for start in range(0, numel, chunk)]

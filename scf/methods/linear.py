@@ -5,9 +5,17 @@ from __future__ import annotations
 import torch
 from pydantic import field_validator, model_validator
 
-from scf.methods.base import MethodParams, PerModel, TensorInputs, check_each, per_model_values
+from scf.methods.base import (
+    MethodParams,
+    PerModel,
+    TensorInputs,
+    check_each,
+    element_chunks,
+    per_model_values,
+)
 
 LINEAR_URL = "https://arxiv.org/abs/2203.05482"
+_CHUNK = 1 << 20  # elements per step: the float32 operands of a step stay in cache
 
 
 class LinearParams(MethodParams):
@@ -39,17 +47,22 @@ def linear(inputs: TensorInputs, params: LinearParams) -> torch.Tensor:
     """Weighted sum of ``[base, *secondaries]``, divided by the weight sum when ``normalize``.
 
     Args:
-        inputs: the tensors of one name (reference unused).
+        inputs: the tensors of one name, in any float dtype (reference unused).
         params: validated `linear` parameters.
 
     Returns:
         The fused float32 tensor, base's shape.
     """
-    models = inputs.models
+    models = [m.reshape(-1) for m in inputs.models]
     weights = per_model_values(params.weight, len(models))
-    fused = torch.mul(models[0], weights[0])  # not zeros + add: one full pass fewer
-    for w, tensor in zip(weights[1:], models[1:], strict=True):
-        fused.add_(tensor, alpha=w)
-    if params.normalize:
-        fused.div_(sum(weights))
+    fused = torch.empty(inputs.base.shape, dtype=torch.float32, device=inputs.base.device)
+    upcast = torch.empty(min(fused.numel(), _CHUNK), dtype=torch.float32, device=fused.device)
+    for chunk in element_chunks(fused.numel(), _CHUNK):
+        out = fused.view(-1)[chunk]
+        # Upcast first: a bf16 operand times a Python float would be computed in bf16.
+        out.copy_(models[0][chunk]).mul_(weights[0])
+        for w, model in zip(weights[1:], models[1:], strict=True):
+            out.add_(upcast[: out.numel()].copy_(model[chunk]), alpha=w)
+        if params.normalize:
+            out.div_(sum(weights))
     return fused

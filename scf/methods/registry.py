@@ -54,6 +54,9 @@ class MethodSpec:
             ``[base, *secondaries]``.
         reference_url: the paper or source defining the method.
         summary: one or two sentences for ``--help`` and docs.
+        stored_dtype: True when ``fn`` takes the inputs in their stored dtype (bf16, fp16 or fp32)
+            and converts what it needs to float32 a chunk at a time; otherwise the engine hands it
+            float32 copies (memory and time for a full upcast of every input).
     """
 
     name: str
@@ -63,6 +66,7 @@ class MethodSpec:
     per_model_params: tuple[str, ...]
     reference_url: str
     summary: str
+    stored_dtype: bool = False
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -78,6 +82,7 @@ METHODS: dict[str, MethodSpec] = {
             "take a secondary's value where |s-b| * KL(q_base||p_secondary) of its row is an outlier "
             "(>= median + alpha * IQR, exact quantiles), else keep the base's."
         ),
+        stored_dtype=True,
     ),
     "scf_kl": MethodSpec(
         name="scf_kl",
@@ -90,6 +95,7 @@ METHODS: dict[str, MethodSpec] = {
             "SCF with forward KL (the paper's ablation). mergekit's `arcee_fusion` is this method "
             "with subsampled, approximate quantiles (and rows over the last dimension); this one is exact."
         ),
+        stored_dtype=True,
     ),
     "linear": MethodSpec(
         name="linear",
@@ -99,6 +105,7 @@ METHODS: dict[str, MethodSpec] = {
         per_model_params=("weight",),
         reference_url=LINEAR_URL,
         summary="Weighted average of base and secondaries (model soup); mergekit `linear`.",
+        stored_dtype=True,
     ),
     "task_arithmetic": MethodSpec(
         name="task_arithmetic",

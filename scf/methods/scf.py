@@ -70,7 +70,8 @@ def scf_rkl(inputs: TensorInputs, params: ScfParams) -> torch.Tensor:
         params: validated SCF parameters.
 
     Returns:
-        The fused float32 tensor: each element is the base's or one secondary's value.
+        The fused tensor in the inputs' common dtype: each element is the base's or one
+        secondary's value.
     """
     return _scf(inputs, params, reverse=True)
 
@@ -83,7 +84,8 @@ def scf_kl(inputs: TensorInputs, params: ScfParams) -> torch.Tensor:
         params: validated SCF parameters.
 
     Returns:
-        The fused float32 tensor: each element is the base's or one secondary's value.
+        The fused tensor in the inputs' common dtype: each element is the base's or one
+        secondary's value.
     """
     return _scf(inputs, params, reverse=False)
 
@@ -115,20 +117,24 @@ def _threshold(name: str, scores: torch.Tensor, params: ScfParams) -> float:
         raise ScfError(f"tensor {name!r}: {exc}") from None
 
 
-def _take_where_important_(
+def _take_where_important(
     scores: torch.Tensor, tau: float, secondary: torch.Tensor, base: torch.Tensor
 ) -> torch.Tensor:
-    """``scores <- where(scores >= tau, secondary, base)`` in place, a chunk at a time.
+    """``where(scores >= tau, secondary, base)``, a chunk at a time, in the inputs' common dtype.
 
-    Chunks keep the mask small and in cache instead of a full-size boolean tensor.
+    Chunks keep the mask small and in cache instead of a full-size boolean tensor. Values are
+    copied in their stored dtype (exact); with float32 inputs the scores buffer is reused for them.
     """
-    flat_scores, flat_secondary, flat_base = scores.view(-1), secondary.reshape(-1), base.reshape(-1)
+    dtype = torch.promote_types(base.dtype, secondary.dtype)
+    fused = scores if dtype == torch.float32 else torch.empty(base.shape, dtype=dtype, device=base.device)
+    flat_scores, flat_fused = scores.view(-1), fused.view(-1)
+    flat_secondary, flat_base = secondary.reshape(-1), base.reshape(-1)
     mask = torch.empty(min(flat_scores.numel(), _SELECT_CHUNK), dtype=torch.bool, device=scores.device)
     for start in range(0, flat_scores.numel(), _SELECT_CHUNK):
         chunk = slice(start, start + _SELECT_CHUNK)
         take = torch.ge(flat_scores[chunk], tau, out=mask[: flat_scores[chunk].numel()])
-        torch.where(take, flat_secondary[chunk], flat_base[chunk], out=flat_scores[chunk])
-    return scores
+        torch.where(take, flat_secondary[chunk], flat_base[chunk], out=flat_fused[chunk])
+    return fused
 
 
 def _scf(inputs: TensorInputs, params: ScfParams, *, reverse: bool) -> torch.Tensor:
@@ -141,7 +147,7 @@ def _scf(inputs: TensorInputs, params: ScfParams, *, reverse: bool) -> torch.Ten
     if len(inputs.secondaries) == 1:
         (secondary,) = inputs.secondaries
         scores = importance(base, secondary, eps=params.eps, reverse=reverse)
-        return _take_where_important_(scores, _threshold(inputs.name, scores, params), secondary, base)
+        return _take_where_important(scores, _threshold(inputs.name, scores, params), secondary, base)
     fused: torch.Tensor | None = None
     winner: torch.Tensor | None = None  # importance of the secondary chosen so far, per element
     for secondary in inputs.secondaries:
@@ -149,7 +155,7 @@ def _scf(inputs: TensorInputs, params: ScfParams, *, reverse: bool) -> torch.Ten
         take = scores >= _threshold(inputs.name, scores, params)  # (same shape as base)
         if fused is None:
             winner = torch.where(take, scores, -1.0)  # importance is >= 0, so -1 never wins
-            fused = torch.where(take, secondary, base, out=scores)  # reuse the importance buffer
+            fused = torch.where(take, secondary, base)
             continue
         take &= scores > winner
         torch.where(take, scores, winner, out=winner)

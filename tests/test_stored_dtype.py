@@ -1,0 +1,87 @@
+"""Methods registered with ``stored_dtype`` take bf16/fp16 inputs as stored and give exactly what
+they give on float32 upcasts of them (the engine no longer makes full float32 copies for them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers_ckpt import finetune, llama_config, llama_state, save_checkpoint
+
+import scf.divergence
+import scf.methods.linear
+import scf.methods.scf
+from scf.io import open_checkpoint
+from scf.merge import merge
+from scf.methods.base import TensorInputs
+from scf.methods.registry import METHODS, validate_params
+from scf.spec import MergeSpec
+
+STREAMING = sorted(name for name, spec in METHODS.items() if spec.stored_dtype)
+
+
+def _stored_pair(dtype: torch.dtype, shape: tuple[int, ...], n_secondaries: int = 1) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(11)
+    base = (0.02 * torch.randn(shape, generator=gen)).to(dtype)
+    deltas = [1e-3 * torch.randn(shape, generator=gen) * torch.randn(shape, generator=gen)
+              for _ in range(n_secondaries)]
+    return [base, *((base.float() + d).to(dtype) for d in deltas)]
+
+
+@pytest.fixture
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks of a few rows/elements, so every tensor below spans many of them."""
+    monkeypatch.setattr(scf.divergence, "_CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(scf.methods.scf, "_SELECT_CHUNK", 777)
+    monkeypatch.setattr(scf.methods.linear, "_CHUNK", 999)
+
+
+def test_the_streaming_methods_are_scf_and_linear() -> None:
+    assert STREAMING == ["linear", "scf_kl", "scf_rkl"]
+
+
+@pytest.mark.parametrize("method", STREAMING)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(37, 53), (5, 6, 7), (301,)])
+def test_stored_dtype_equals_float32_upcast(method: str, dtype: torch.dtype, shape: tuple[int, ...],
+                                            small_chunks: None) -> None:
+    stored = _stored_pair(dtype, shape, n_secondaries=2 if method == "linear" else 1)
+    params = validate_params(method, {"weight": [0.3, 0.5, 0.2]} if method == "linear" else {}, len(stored))
+    fn = METHODS[method].fn
+    from_stored = fn(TensorInputs("w", stored[0], stored[1:]), params)
+    upcast = [t.float() for t in stored]
+    from_float32 = fn(TensorInputs("w", upcast[0], upcast[1:]), params)
+    # SCF copies values, so it may keep the stored dtype; linear computes in float32.
+    assert from_stored.dtype == (dtype if method.startswith("scf") else torch.float32)
+    assert torch.equal(from_stored.float(), from_float32)
+    assert all(torch.equal(a.float(), b) for a, b in zip(stored, upcast, strict=True))  # inputs untouched
+
+
+def test_scf_of_mixed_dtypes_keeps_each_value_exact() -> None:
+    base, secondary = _stored_pair(torch.bfloat16, (40, 30))
+    secondary = secondary.float() + 1e-4 * torch.randn(40, 30, generator=torch.Generator().manual_seed(3))
+    fused = METHODS["scf_rkl"].fn(TensorInputs("w", base, [secondary]), validate_params("scf_rkl", {}, 2))
+    assert fused.dtype == torch.float32
+    from_base = fused == base.float()
+    assert torch.equal(fused[~from_base], secondary[~from_base])
+    assert 0 < int((~from_base).sum()) < fused.numel()
+
+
+def test_bf16_checkpoints_merge_to_the_same_values(tmp_path: Path, small_chunks: None) -> None:
+    config = llama_config(n_layers=1)
+    state = llama_state(config, seed=4, dtype=torch.bfloat16)
+    tuned = {name: tensor.to(torch.bfloat16) for name, tensor in finetune(state, seed=5).items()}
+    base = save_checkpoint(tmp_path / "base", state, config)
+    sec = save_checkpoint(tmp_path / "sec", tuned, config)
+    report = merge(MergeSpec(base=str(base), secondary=[str(sec)], method="scf_rkl"), tmp_path / "out",
+                   progress=False)
+    merged = open_checkpoint(tmp_path / "out")
+    params = validate_params("scf_rkl", {}, 2)
+    for name in merged.tensors:
+        written = merged.load(name)
+        assert written.dtype == torch.bfloat16
+        upcast = TensorInputs(name, state[name].float(), [tuned[name].float()])
+        expected = METHODS["scf_rkl"].fn(upcast, params)
+        assert torch.equal(written.float(), expected), name
+    assert report["totals"]["fraction_from"]["neither"] == 0.0
