@@ -187,15 +187,14 @@ def _histogram_low(bits: torch.Tensor, raw_buckets: list[int]) -> torch.Tensor:
     group_of_bucket = torch.full((_HALF,), groups, dtype=torch.int32, device=device)
     group_of_bucket[raw_buckets] = torch.arange(groups, dtype=torch.int32, device=device)
     counts = torch.zeros((groups + 1) * _HALF, dtype=torch.int64, device=device)
-    ones = torch.ones(min(bits.numel(), _CHUNK_ELEMENTS), dtype=torch.int64, device=device)
     raw_all, combined_all = _scratch(bits), _scratch(bits)
     for chunk in _chunks(bits):
         raw, combined = raw_all[: chunk.numel()], combined_all[: chunk.numel()]
         torch.bitwise_right_shift(chunk, 16, out=raw).bitwise_and_(_HALF - 1)
         torch.index_select(group_of_bucket, 0, raw, out=combined).bitwise_left_shift_(16)
         combined.bitwise_or_(torch.bitwise_and(chunk, _HALF - 1, out=raw))
-        # index_add_ accumulates in place: no (groups + 1) * 2**16 output to zero per chunk.
-        counts.index_add_(0, combined, ones[: chunk.numel()])
+        # bincount, not a scatter-add into `counts`: about twice as fast on CPU.
+        counts += torch.bincount(combined, minlength=(groups + 1) * _HALF)
     return counts.view(groups + 1, _HALF)[:groups].cpu()
 
 
