@@ -1,115 +1,159 @@
-"""Pure tensor functions that sparsify task vectors and elect signs (the task-arithmetic family).
+"""Sparsification and sign election for the task-arithmetic family, built to stream.
 
-Everything here takes tensors and returns tensors; sampling uses the caller's ``torch.Generator``,
-never the global RNG.
+A whole-tensor decision (which ``k`` elements are largest) is reduced to a few numbers first
+(``TopK``: the k-th largest score and how many elements equal to it are kept), then applied to
+consecutive flat chunks of the tensor, so no method needs a mask or a stacked copy of the task
+vectors the size of the tensor. Sampling uses the caller's ``torch.Generator``, never the global
+RNG.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from scf.errors import ScfError
 from scf.quantile import order_statistics
 
-_TIE_CHUNK = 1 << 22  # elements per step when filling ties (bounds the nonzero() index buffer)
+_COUNT_CHUNK = 1 << 22  # elements per step when counting (bounds the bool temporary)
 
 
-def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of exactly ``k`` elements with the largest ``scores``.
+@dataclass(frozen=True)
+class TopK:
+    """An exact top-k selection of a score tensor, as a threshold plus a count of ties to keep.
 
-    Elements equal to the k-th largest score are taken in flat index order until ``k`` are set,
-    so the count is exact even with ties (mergekit's sort leaves that order unspecified).
+    The kept elements are every score above ``threshold`` and the first ``ties`` scores equal to
+    it in flat index order, which makes the count exact even when many scores tie (mergekit's
+    ``argsort``/``topk`` leave the order among ties unspecified).
 
-    Args:
-        scores: float32 tensor (any shape), e.g. ``|delta|``.
-        k: how many elements to keep; ``<= 0`` keeps none, ``>= numel`` keeps all.
-
-    Returns:
-        bool tensor of ``scores``' shape with exactly ``clamp(k, 0, numel)`` True values.
+    Attributes:
+        threshold: the k-th largest score; ``-inf`` keeps everything, ``inf`` nothing.
+        ties: how many scores equal to ``threshold`` are kept, first ones first.
     """
-    scores = scores.contiguous()
-    n = scores.numel()
-    if k >= n:
-        return torch.ones_like(scores, dtype=torch.bool)
-    if k <= 0:
-        return torch.zeros_like(scores, dtype=torch.bool)
-    (kth_largest,) = order_statistics(scores, [n - k])
-    mask = scores > kth_largest
-    missing = k - int(mask.sum())
-    flat_mask, flat_scores = mask.view(-1), scores.reshape(-1)
-    for start in range(0, n, _TIE_CHUNK):
-        if missing == 0:
-            break
-        ties = (flat_scores[start : start + _TIE_CHUNK] == kth_largest).nonzero().squeeze(1)[:missing]
-        flat_mask[start + ties] = True
-        missing -= ties.numel()
-    return mask
 
+    threshold: float
+    ties: int
 
-def magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``int(density * numel)`` largest-magnitude entries of a task vector, zero the rest.
+    @classmethod
+    def of(cls, scores: torch.Tensor, k: int) -> TopK:
+        """The top-``k`` selection of ``scores``.
 
-    Args:
-        delta: float32 task vector.
-        density: fraction to keep, in (0, 1]; 1 returns ``delta`` unchanged. A tensor so small that
-            ``int(density * numel) == 0`` is zeroed entirely (mergekit asserts instead).
+        Args:
+            scores: contiguous float32 tensor of finite values (any shape), e.g. ``|delta|``.
+            k: how many elements to keep; ``<= 0`` keeps none, ``>= numel`` keeps all.
 
-    Returns:
-        A new tensor (or ``delta`` itself when density >= 1).
-    """
-    if density >= 1:
-        return delta
-    return delta * topk_mask(delta.abs(), int(density * delta.numel()))
-
-
-def bernoulli(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
-    """DARE's random drop: keep each entry with probability ``density``, independently.
-
-    Args:
-        delta: float32 task vector.
-        density: keep probability in (0, 1]; 1 returns ``delta`` unchanged.
-        generator: the random source (same seed, same drop), on ``delta``'s device type.
-
-    Returns:
-        ``delta`` with dropped entries set to 0 (a new tensor unless density >= 1). Rescaling
-        is left to the caller.
-    """
-    if density >= 1:
-        return delta
-    if generator.device.type != delta.device.type:
-        raise ScfError(
-            f"the random generator is on {generator.device.type} but the tensor is on {delta.device.type}"
+        Returns:
+            The selection; apply it with ``scan``.
+        """
+        n = scores.numel()
+        if k >= n:
+            return cls(-math.inf, 0)
+        if k <= 0:
+            return cls(math.inf, 0)
+        (kth_largest,) = order_statistics(scores, [n - k])
+        flat = scores.view(-1)
+        above = sum(
+            int(torch.count_nonzero(flat[start : start + _COUNT_CHUNK] > kth_largest))
+            for start in range(0, n, _COUNT_CHUNK)
         )
-    keep = torch.empty_like(delta).bernoulli_(density, generator=generator)
-    return keep.mul_(delta)
+        return cls(kth_largest, k - above)
+
+    def scan(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A function that takes the scores chunk by chunk, in flat order, and returns keep masks.
+
+        Each call must get the next consecutive chunk of the same scores ``of`` saw (or a
+        recomputation of them); a running count fills the ties in flat index order across chunks.
+        Call ``scan`` again to go over the tensor a second time.
+
+        Returns:
+            ``mask(chunk_scores) -> bool tensor`` of the chunk's shape.
+        """
+        ties_left = self.ties
+
+        def mask(chunk_scores: torch.Tensor) -> torch.Tensor:
+            nonlocal ties_left
+            keep = chunk_scores > self.threshold
+            if ties_left > 0:
+                tie_positions = (chunk_scores == self.threshold).view(-1).nonzero().squeeze(1)[:ties_left]
+                keep.view(-1)[tie_positions] = True
+                ties_left -= tie_positions.numel()
+            return keep
+
+        return mask
 
 
-def sign_consensus(deltas: torch.Tensor) -> torch.Tensor:
-    """TIES sign election: which entries agree with the sign of the per-element sum.
+def magnitude_k(density: float, numel: int) -> int:
+    """How many entries TIES's magnitude trim keeps: ``int(density * numel)``, at least 1.
+
+    The floor of one is mergekit's (0.1.5): a positive density keeps at least one element of a
+    nonempty tensor, so a small bias with a low density is not zeroed entirely.
 
     Args:
-        deltas: ``(models, *shape)`` stacked (weighted) task vectors.
+        density: fraction to keep, in (0, 1).
+        numel: number of elements of the task vector.
 
     Returns:
-        bool ``(models, *shape)``: True where an entry's sign equals the elected sign; the elected
-        sign is + where the sum over models is >= 0, else -. Zero entries never agree.
+        The number of entries to keep.
     """
-    elected = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(deltas.dtype)
-    return deltas.sign() == elected
+    return max(1, int(density * numel)) if numel > 0 else 0
 
 
-def variance_topk_mask(deltas: torch.Tensor, fraction: float) -> torch.Tensor:
-    """SCE's select step: keep the elements whose task vectors vary most across models.
+def draw_keep_mask(
+    numel: int, density: float, generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    """DARE's random drop for one task vector: keep each entry with probability ``density``.
+
+    Drawn once over the whole tensor, as a bool mask (a quarter of a float32 copy). On CPU the
+    draw is the same, element for element, as ``bernoulli_`` on a float32 tensor of the same size
+    with the same generator state: the sampler's stream does not depend on the output dtype.
 
     Args:
-        deltas: ``(models, *shape)`` stacked task vectors.
-        fraction: share of the elements with nonzero variance to keep, in (0, 1]; 1 keeps all.
+        numel: number of elements of the task vector (the mask is flat).
+        density: keep probability in (0, 1).
+        generator: the random source (same seed, same drop), on ``device``'s type.
+        device: where the mask lives (the compute device).
 
     Returns:
-        bool mask of ``shape`` (shared by all models).
+        Flat bool tensor of ``numel`` elements.
+
+    Raises:
+        ScfError: the generator is on another device type than the tensor.
     """
-    if fraction >= 1:
-        return torch.ones(deltas.shape[1:], dtype=torch.bool, device=deltas.device)
-    variance = torch.var(deltas, dim=0, unbiased=False)
-    k = int(int(torch.count_nonzero(variance)) * fraction)
-    return topk_mask(variance, k)
+    if generator.device.type != device.type:
+        raise ScfError(
+            f"the random generator is on {generator.device.type} but the tensor is on {device.type}"
+        )
+    return torch.empty(numel, dtype=torch.bool, device=device).bernoulli_(density, generator=generator)
+
+
+def elect_positive(votes: list[torch.Tensor], total: torch.Tensor) -> torch.Tensor:
+    """TIES sign election on one chunk: where the elected sign is + (the sum over models is >= 0).
+
+    Args:
+        votes: one float32 chunk per model (the weighted or raw task vectors that vote).
+        total: float32 scratch of the chunk's size; holds ``sum(votes)`` afterwards.
+
+    Returns:
+        bool chunk, True where the elected sign is + (a zero sum elects +, as mergekit).
+    """
+    total.zero_()  # summed from +0 in model order, as a sum over a stacked dim 0 does
+    for vote in votes:
+        total += vote
+    return total >= 0
+
+
+def agreeing(delta: torch.Tensor, elected_sign: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """Which entries of one model's chunk have the elected sign (zero entries never agree).
+
+    Args:
+        delta: the model's (weighted) task-vector chunk, float32.
+        elected_sign: float32 chunk of +1 / -1.
+        scratch: float32 scratch of the chunk's size.
+
+    Returns:
+        bool chunk: ``sign(delta) == elected_sign``.
+    """
+    return torch.mul(delta, elected_sign, out=scratch) > 0

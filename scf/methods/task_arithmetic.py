@@ -2,22 +2,29 @@
 
 Task vectors are taken against ``reference`` (the common ancestor; mergekit's ``base_model``).
 Every contributing model ``[base, *secondaries]`` gives one task vector ``model - reference``.
-`task_arithmetic`, `ties`, `dare_linear` and `dare_ties` are presets of ``merge_task_vectors``
-(mergekit's generalized task arithmetic); `sce` reuses its weighting and consensus steps with
-data-dependent weights. Names, parameters and defaults follow mergekit.
+`task_arithmetic`, `ties`, `dare_linear` and `dare_ties` are presets of one core (mergekit's
+generalized task arithmetic); `sce` reuses its weighting and consensus steps with data-dependent
+weights. Names, parameters and defaults follow mergekit.
+
+Memory: the inputs may be bf16/fp16/fp32 and read-only (memory-mapped); nothing of their size is
+made but the float32 result (used as scratch for whole-tensor statistics before it is written) and
+DARE's bool keep masks. Everything else streams over flat chunks of ``CHUNK_ELEMENTS`` elements:
+whole-tensor statistics first (exact, as a few numbers), then each chunk's merged value.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from pydantic import ConfigDict, Field, field_validator
 
 from scf.errors import ScfError
-from scf.methods.base import MethodParams, PerModel, TensorInputs, check_each, per_model_values, weight_tensor
-from scf.sparsify import bernoulli, magnitude, sign_consensus, variance_topk_mask
+from scf.methods.base import MethodParams, PerModel, TensorInputs, check_each, per_model_values
+from scf.sparsify import TopK, agreeing, draw_keep_mask, elect_positive, magnitude_k
 
 TASK_ARITHMETIC_URL = "https://arxiv.org/abs/2212.04089"
 TIES_URL = "https://arxiv.org/abs/2306.01708"
@@ -83,22 +90,19 @@ class SceParams(MethodParams):
     select_topk: float = Field(1.0, gt=0.0, le=1.0)
 
 
-def merge_task_vectors(
-    deltas: torch.Tensor | list[torch.Tensor],
-    weights: list[float],
-    *,
-    consensus: bool,
-    normalize: bool,
-    lambda_: float = 1.0,
-    elect_weighted: bool = True,
-    divisor_floor: float | None = None,
-) -> torch.Tensor:
-    """The shared core after sparsifying: weight, sign consensus, sum, normalize, lambda.
+CHUNK_ELEMENTS = 1 << 22
+"""Elements per streaming step. Every float32 temporary is this size (16 MB), not the tensor's."""
 
-    Args:
-        deltas: ``(models, *shape)`` stacked (already sparsified) task vectors, or a list of them.
-            Without consensus a list is summed one model at a time, so no stacked copy is made.
-        weights: one weight per model.
+Trim = Callable[[torch.Tensor, slice], torch.Tensor]
+"""A task vector's sparsifier, chunk by chunk: ``keep(delta_chunk, chunk) -> bool mask``."""
+
+
+@dataclass(frozen=True)
+class _Combine:
+    """How the (sparsified) task vectors of each element are combined into one merged delta.
+
+    Attributes:
+        weights: one weight per model ``[base, *secondaries]``.
         consensus: keep only entries whose sign agrees with the elected sign (TIES).
         normalize: divide by the sum of the weights that took part (per element with consensus;
             a zero divisor becomes 1, as in mergekit).
@@ -107,45 +111,32 @@ def merge_task_vectors(
             (mergekit SCE).
         divisor_floor: with consensus, clamp the divisor to at least this (mergekit SCE's rule)
             instead of turning a zero divisor into 1 (mergekit GTA's rule).
-
-    Returns:
-        The merged task vector, ``shape``.
     """
-    if consensus:
-        stacked = torch.stack(deltas) if isinstance(deltas, list) else deltas
-        w = weight_tensor(weights, stacked[0])  # (models, 1, ..., 1)
-        weighted = stacked * w
-        agree = sign_consensus(weighted if elect_weighted else stacked)
-        merged = (weighted * agree).sum(dim=0)
-        divisor = (w * agree).sum(dim=0)
-        if divisor_floor is None:
-            divisor[divisor == 0] = 1
-        else:
-            divisor.clamp_(min=divisor_floor)
-    else:
-        merged, divisor = _weighted_sum(deltas, weights)
-    if normalize:
-        merged /= divisor
-    if lambda_ != 1:
-        merged *= lambda_
-    return merged
+
+    weights: list[float]
+    consensus: bool
+    normalize: bool
+    lambda_: float = 1.0
+    elect_weighted: bool = True
+    divisor_floor: float | None = None
 
 
-def _weighted_sum(deltas: torch.Tensor | list[torch.Tensor], weights: list[float]):
-    """``sum_i w_i * delta_i`` accumulated one model at a time, and the divisor ``sum_i w_i``.
+@dataclass
+class _Scratch:
+    """float32 chunk buffers reused by every chunk (a fresh allocation costs page faults each time)."""
 
-    Starting from zeros and adding in model order gives bit for bit what ``(stack * w).sum(0)``
-    gives (torch's reduction starts from +0 too), with one accumulator instead of two stacked
-    copies of every task vector.
-    """
-    w = torch.tensor(weights, dtype=deltas[0].dtype, device=deltas[0].device)
-    merged = torch.zeros_like(deltas[0])
-    for delta, weight in zip(deltas, w, strict=True):
-        merged += delta * weight
-    divisor = w.sum()
-    if divisor.abs() < 1e-8:
-        divisor = torch.ones_like(divisor)
-    return merged, divisor
+    merged: torch.Tensor
+    divisor: torch.Tensor
+    elected: torch.Tensor
+    product: torch.Tensor
+
+    @classmethod
+    def like(cls, reference: torch.Tensor) -> _Scratch:
+        size = min(reference.numel(), CHUNK_ELEMENTS)
+        return cls(*(torch.empty(size, dtype=torch.float32, device=reference.device) for _ in range(4)))
+
+    def cut(self, size: int) -> _Scratch:
+        return _Scratch(self.merged[:size], self.divisor[:size], self.elected[:size], self.product[:size])
 
 
 def task_arithmetic(inputs: TensorInputs, params: TaskArithmeticParams) -> torch.Tensor:
@@ -168,64 +159,254 @@ def dare_ties(inputs: TensorInputs, params: DareParams) -> torch.Tensor:
     return _generalized(inputs, params, sparsifier="random", consensus=True)
 
 
+def _generalized(
+    inputs: TensorInputs, params: TaskArithmeticParams, *, sparsifier: Sparsifier, consensus: bool
+) -> torch.Tensor:
+    """Task vectors -> sparsify (+ rescale) -> weight, elect, sum -> add back to the reference.
+
+    Whole-tensor decisions come first (TIES's per-model magnitude threshold, DARE's keep masks);
+    then one pass over flat chunks computes each chunk's merged value into one float32 result.
+    """
+    method = {None: "task_arithmetic", "magnitude": "ties", "random": "dare"}[sparsifier]
+    reference = _reference(inputs, method).reshape(-1)
+    models = [model.reshape(-1) for model in inputs.models]
+    densities = per_model_values(params.density, len(models))
+    out = torch.empty(reference.numel(), dtype=torch.float32, device=reference.device)
+    if sparsifier == "magnitude":
+        with _named(inputs):
+            trims = [
+                _magnitude_trim(model, reference, density, out)
+                for model, density in zip(models, densities, strict=True)
+            ]
+    elif sparsifier == "random":
+        trims = _random_trims(inputs, method, densities)
+    else:
+        trims = [None] * len(models)
+    rescale = sparsifier is not None and params.rescale
+    rescales = [density if rescale and density < 1 else None for density in densities]
+    combine = _Combine(
+        per_model_values(params.weight, len(models)), consensus, params.normalize, params.lambda_
+    )
+    scratch = _Scratch.like(reference)
+    for chunk, reference_chunk, deltas in _task_vector_chunks(models, reference):
+        for delta, trim, rescale in zip(deltas, trims, rescales, strict=True):
+            if trim is not None:
+                delta.mul_(trim(delta, chunk))  # delta * keep, as a dense mask would: dropped -> +-0
+            if rescale is not None:
+                delta.div_(rescale)
+        merged = _combine_chunk(deltas, combine, scratch.cut(reference_chunk.numel()))
+        torch.add(reference_chunk, merged, out=out[chunk])
+    return out.view(inputs.base.shape)
+
+
 def sce(inputs: TensorInputs, params: SceParams) -> torch.Tensor:
     """SCE: select by variance across task vectors, calculate weights, erase minority signs.
 
-    Weights are each task vector's mean squared magnitude, normalized to sum to 1 (uniform when
-    that sum is below 1e-6), as in mergekit.
+    Weights are each (selected) task vector's mean squared magnitude, normalized to sum to 1
+    (uniform when that sum is below 1e-6), as in mergekit. Three passes over flat chunks: the
+    variance across task vectors (into the result buffer, for its exact top-k), the mean squares
+    (accumulated in float64), and the merge itself.
 
     Args:
         inputs: base, secondaries and the reference.
         params: validated `sce` parameters.
 
     Returns:
-        ``reference + merged task vector``, float32.
+        ``reference + merged task vector``, float32, base's shape.
     """
-    reference = _reference(inputs, "sce")
-    deltas = torch.stack([model - reference for model in inputs.models])  # (models, *shape)
+    reference = _reference(inputs, "sce").reshape(-1)
+    models = [model.reshape(-1) for model in inputs.models]
+    out = torch.empty(reference.numel(), dtype=torch.float32, device=reference.device)
+    select = None
     if params.select_topk < 1:
         with _named(inputs):
-            deltas *= variance_topk_mask(deltas, params.select_topk)
-    merged = merge_task_vectors(
-        deltas, _sce_weights(deltas), consensus=True, normalize=True, elect_weighted=False, divisor_floor=1e-6
+            select = _variance_top(models, reference, params.select_topk, out)
+    combine = _Combine(
+        _sce_weights(models, reference, select, out),
+        consensus=True,
+        normalize=True,
+        elect_weighted=False,
+        divisor_floor=1e-6,
     )
-    return reference + merged
+    keep = select.scan() if select is not None else None
+    scratch = _Scratch.like(reference)
+    for chunk, reference_chunk, deltas in _task_vector_chunks(models, reference):
+        if keep is not None:
+            selected = keep(out[chunk])  # out holds the variances until this chunk is written
+            for delta in deltas:
+                delta.mul_(selected)
+        merged = _combine_chunk(deltas, combine, scratch.cut(reference_chunk.numel()))
+        torch.add(reference_chunk, merged, out=out[chunk])
+    return out.view(inputs.base.shape)
 
 
-def _sce_weights(deltas: torch.Tensor) -> list[float]:
-    """Each task vector's mean square over the sum of them (uniform when that sum is < 1e-6)."""
-    squares = deltas.pow(2)
-    mean_square = squares.mean(dim=tuple(range(1, deltas.dim()))) if deltas.dim() > 1 else squares
+def _combine_chunk(deltas: list[torch.Tensor], combine: _Combine, scratch: _Scratch) -> torch.Tensor:
+    """Weight, elect signs (with consensus), sum, normalize and scale one chunk of task vectors.
+
+    The arithmetic is the stacked whole-tensor form's, element for element: products and sums in
+    the same order (model order, starting from +0), so the result is bit-identical to it.
+
+    Args:
+        deltas: one float32 chunk per model, already sparsified; weighted in place.
+        combine: the rules.
+        scratch: buffers of the chunk's size; the result lives in ``scratch.merged``.
+
+    Returns:
+        The merged task-vector chunk (``scratch.merged``).
+    """
+    weights = combine.weights
+    merged = scratch.merged
+    if combine.consensus:
+        if not combine.elect_weighted:
+            positive = elect_positive(deltas, merged)
+        for delta, weight in zip(deltas, weights, strict=True):
+            delta.mul_(weight)
+        if combine.elect_weighted:
+            positive = elect_positive(deltas, merged)
+        elected = scratch.elected.copy_(positive).mul_(2).sub_(1)  # +1 / -1
+        divisor = scratch.divisor.zero_()
+        merged.zero_()
+        for delta, weight in zip(deltas, weights, strict=True):
+            # With raw-sign election (SCE) the weights are >= 0: a positive weight keeps the sign,
+            # and a zero-weighted entry adds 0 to both sums whether it agrees or not.
+            agree = agreeing(delta, elected, scratch.product)
+            merged += delta.mul_(agree)
+            divisor.add_(agree, alpha=weight)
+        if combine.divisor_floor is None:
+            divisor.masked_fill_(divisor == 0, 1)
+        else:
+            divisor.clamp_(min=combine.divisor_floor)
+    else:
+        merged.zero_()
+        for delta, weight in zip(deltas, weights, strict=True):
+            merged += delta.mul_(weight)
+        divisor = _weight_sum(weights)
+    if combine.normalize:
+        merged /= divisor
+    if combine.lambda_ != 1:
+        merged *= combine.lambda_
+    return merged
+
+
+def _weight_sum(weights: list[float]) -> float:
+    """The divisor without consensus: the float32 sum of the weights, 1 when it is ~0 (mergekit)."""
+    total = torch.tensor(weights, dtype=torch.float32).sum()
+    return 1.0 if total.abs() < 1e-8 else float(total)
+
+
+def _task_vector_chunks(
+    models: list[torch.Tensor], reference: torch.Tensor
+) -> Iterator[tuple[slice, torch.Tensor, list[torch.Tensor]]]:
+    """Walk flat chunks of the task vectors ``model - reference``, computed in float32.
+
+    Args:
+        models: flat model tensors in any float dtype (never modified).
+        reference: the flat reference tensor, same size.
+
+    Yields:
+        ``(chunk, reference_chunk, deltas)``: the flat slice, the reference's chunk as float32
+        (read-only) and one float32 task-vector chunk per model, in buffers reused by the next
+        step (the caller may modify them).
+    """
+    numel = reference.numel()
+    size = min(numel, CHUNK_ELEMENTS)
+    reference_buffer, *delta_buffers = (
+        torch.empty(size, dtype=torch.float32, device=reference.device) for _ in range(len(models) + 1)
+    )
+    for start in range(0, numel, CHUNK_ELEMENTS):
+        chunk = slice(start, min(start + CHUNK_ELEMENTS, numel))
+        length = chunk.stop - chunk.start
+        reference_chunk = reference[chunk]
+        if reference_chunk.dtype != torch.float32:
+            reference_chunk = reference_buffer[:length].copy_(reference_chunk)
+        # A float32 operand makes the subtraction float32 (exact upcast of bf16/fp16 values first).
+        deltas = [
+            torch.sub(model[chunk], reference_chunk, out=buffer[:length])
+            for model, buffer in zip(models, delta_buffers, strict=True)
+        ]
+        yield chunk, reference_chunk, deltas
+
+
+def _magnitude_trim(
+    model: torch.Tensor, reference: torch.Tensor, density: float, scratch: torch.Tensor
+) -> Trim | None:
+    """TIES's trim of one task vector: keep its ``magnitude_k`` largest ``|delta|``.
+
+    Args:
+        model: flat model tensor.
+        reference: flat reference tensor.
+        density: fraction to keep; >= 1 keeps all (no trim).
+        scratch: float32 buffer of the tensor's size, overwritten with ``|model - reference|`` to
+            find the exact k-th largest magnitude.
+
+    Returns:
+        The chunk-by-chunk trim, or None when nothing is trimmed.
+    """
+    if density >= 1:
+        return None
+    for chunk, _, (delta,) in _task_vector_chunks([model], reference):
+        torch.abs(delta, out=scratch[chunk])
+    keep = TopK.of(scratch, magnitude_k(density, scratch.numel())).scan()
+    magnitudes = torch.empty(min(scratch.numel(), CHUNK_ELEMENTS), dtype=torch.float32, device=scratch.device)
+    return lambda delta, chunk: keep(torch.abs(delta, out=magnitudes[: delta.numel()]))
+
+
+def _random_trims(inputs: TensorInputs, method: str, densities: list[float]) -> list[Trim | None]:
+    """DARE's drop for every model: one keep mask per model, drawn in model order before any math."""
+    numel, device = inputs.base.numel(), inputs.base.device
+    trims: list[Trim | None] = []
+    for density in densities:
+        if density >= 1:
+            trims.append(None)
+            continue
+        with _named(inputs):
+            mask = draw_keep_mask(numel, density, _generator(inputs, method), device)
+        trims.append(lambda delta, chunk, mask=mask: mask[chunk])
+    return trims
+
+
+def _variance_top(
+    models: list[torch.Tensor], reference: torch.Tensor, fraction: float, out: torch.Tensor
+) -> TopK:
+    """SCE's select step: the top ``fraction`` of nonzero variances across the task vectors.
+
+    Args:
+        models: flat model tensors.
+        reference: flat reference tensor.
+        fraction: share of the elements with nonzero variance to keep, in (0, 1).
+        out: float32 buffer of the tensor's size; holds the variances afterwards.
+
+    Returns:
+        The selection over ``out``.
+    """
+    nonzero = torch.zeros((), dtype=torch.int64, device=out.device)
+    for chunk, _, deltas in _task_vector_chunks(models, reference):
+        torch.var(torch.stack(deltas), dim=0, unbiased=False, out=out[chunk])
+        nonzero += torch.count_nonzero(out[chunk])
+    return TopK.of(out, int(int(nonzero) * fraction))
+
+
+def _sce_weights(
+    models: list[torch.Tensor], reference: torch.Tensor, select: TopK | None, variances: torch.Tensor
+) -> list[float]:
+    """Each selected task vector's mean square over the sum of them (uniform when that sum is < 1e-6).
+
+    The squares are summed in float64 over the chunks; each mean is then rounded to float32 and
+    normalized as mergekit does with its float32 means.
+    """
+    keep = select.scan() if select is not None else None
+    sums = torch.zeros(len(models), dtype=torch.float64, device=reference.device)
+    for chunk, _, deltas in _task_vector_chunks(models, reference):
+        selected = keep(variances[chunk]) if keep is not None else None
+        for i, delta in enumerate(deltas):
+            if selected is not None:
+                delta.mul_(selected)
+            sums[i] += torch.sum(delta.square_(), dtype=torch.float64)
+    mean_square = (sums / max(reference.numel(), 1)).to(torch.float32).cpu()
     total = float(mean_square.sum())
     if abs(total) < 1e-6:
-        return [1.0 / len(mean_square)] * len(mean_square)
+        return [1.0 / len(models)] * len(models)
     return (mean_square / total).tolist()
-
-
-def _generalized(
-    inputs: TensorInputs, params: TaskArithmeticParams, *, sparsifier: Sparsifier, consensus: bool
-) -> torch.Tensor:
-    """Task vectors -> sparsify (+ rescale) -> merge_task_vectors -> add back to the reference."""
-    method = {None: "task_arithmetic", "magnitude": "ties", "random": "dare"}[sparsifier]
-    reference = _reference(inputs, method)
-    n_models = len(inputs.models)
-    weights = per_model_values(params.weight, n_models)
-    densities = per_model_values(params.density, n_models)
-    deltas = []
-    for model, density in zip(inputs.models, densities, strict=True):
-        delta = model - reference
-        if sparsifier == "magnitude":
-            with _named(inputs):
-                delta = magnitude(delta, density)
-        elif sparsifier == "random":
-            delta = bernoulli(delta, density, _generator(inputs, method))
-        if sparsifier is not None and params.rescale and density < 1:
-            delta = delta / density
-        deltas.append(delta)
-    merged = merge_task_vectors(
-        deltas, weights, consensus=consensus, normalize=params.normalize, lambda_=params.lambda_
-    )
-    return reference + merged
 
 
 @contextmanager
