@@ -60,7 +60,8 @@ def row_divergence(
 
 
 def importance(
-    base: torch.Tensor, other: torch.Tensor, *, eps: float = 1e-8, reverse: bool = True
+    base: torch.Tensor, other: torch.Tensor, *, eps: float = 1e-8, reverse: bool = True,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SCF importance ``I = |other - base| * KL_row``, the row's divergence broadcast over the row.
 
@@ -70,12 +71,13 @@ def importance(
         other: float tensor of the same shape.
         eps: see ``row_divergence``.
         reverse: see ``row_divergence``.
+        out: float32 tensor of ``base``'s shape to write into (else a new one).
 
     Returns:
-        float32 tensor of ``base``'s shape; every element is >= 0.
+        float32 tensor of ``base``'s shape (``out`` if given); every element is >= 0.
     """
     base_rows, other_rows = as_rows(base), as_rows(other)
-    result = torch.empty(base.shape, dtype=torch.float32, device=base.device)
+    result = torch.empty(base.shape, dtype=torch.float32, device=base.device) if out is None else out
     result_rows = as_rows(result)
     scratch = _Scratch(base_rows)
     for rows, (b, o) in _row_chunks(base_rows, other_rows):

@@ -42,7 +42,7 @@ from scf.io import (
     open_checkpoint,
     write_text,
 )
-from scf.methods.base import TensorInputs
+from scf.methods.base import TensorInputs, Workspace
 from scf.methods.registry import MethodSpec, get_method, validate_params
 from scf.sources import ResolvedSource, resolve_source
 from scf.spec import MergeSpec
@@ -363,12 +363,13 @@ def _execute(plan: MergePlan, out_dir: Path, progress: bool) -> dict[str, Any]:
     records: list[dict[str, Any]] = []
     timings = {"read_seconds": 0.0, "compute_seconds": 0.0, "write_seconds": 0.0}
     diagnostics: dict[str, dict[str, float] | None] = {}
+    workspace = Workspace()
     try:
         bar = tqdm(plan.outputs, desc=f"merge {plan.spec.method}", unit="tensor", disable=not progress)
         for output in bar:
             name, tensors = reader.get()
             started = time.perf_counter()
-            fused, record = _merge_tensor(plan, output, tensors, diagnostics)
+            fused, record = _merge_tensor(plan, output, tensors, workspace, diagnostics)
             del tensors
             reader.release()
             timings["compute_seconds"] += time.perf_counter() - started
@@ -381,12 +382,13 @@ def _execute(plan: MergePlan, out_dir: Path, progress: bool) -> dict[str, Any]:
         raise
     finally:
         reader.close()
+        workspace.clear()
     timings["read_seconds"] = reader.read_seconds
     timings["write_seconds"] = writer.busy_seconds
     return _report(plan, records, timings, diagnostics)
 
 
-def _merge_tensor(plan: MergePlan, output: OutputTensor, tensors: list[torch.Tensor],
+def _merge_tensor(plan: MergePlan, output: OutputTensor, tensors: list[torch.Tensor], workspace: Workspace,
                   diagnostics: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
     """Fuse, check and measure one tensor; returns it (output dtype) and its report entry."""
     started = time.perf_counter()
@@ -404,9 +406,9 @@ def _merge_tensor(plan: MergePlan, output: OutputTensor, tensors: list[torch.Ten
         tensors.clear()  # the caller's list: drop the originals once moved (or upcast)
         models = inputs[: 1 + plan.n_secondaries]
         generator = torch.Generator(device=plan.device).manual_seed(tensor_seed(plan.spec.seed, name))
-        fused = plan.method.fn(
-            TensorInputs(name, models[0], models[1:], inputs[-1] if plan.has_reference else None, generator),
-            plan.params)
+        reference = inputs[-1] if plan.has_reference else None
+        fused = plan.method.fn(TensorInputs(name, models[0], models[1:], reference, generator, workspace),
+                               plan.params)
         _check_fused(fused, output, plan.spec.method)
         fused = fused.to(output.dtype)
         fractions = fraction_from(fused, models, representable=representable)

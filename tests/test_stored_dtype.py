@@ -14,7 +14,7 @@ import scf.methods.linear
 import scf.methods.scf
 from scf.io import open_checkpoint
 from scf.merge import merge
-from scf.methods.base import TensorInputs
+from scf.methods.base import TensorInputs, Workspace
 from scf.methods.registry import METHODS, validate_params
 from scf.spec import MergeSpec
 
@@ -85,3 +85,30 @@ def test_bf16_checkpoints_merge_to_the_same_values(tmp_path: Path, small_chunks:
         expected = METHODS["scf_rkl"].fn(upcast, params)
         assert torch.equal(written.float(), expected), name
     assert report["totals"]["fraction_from"]["neither"] == 0.0
+
+
+def test_workspace_reuses_a_buffer_until_it_must_grow() -> None:
+    workspace = Workspace()
+    first = workspace.get("k", (4, 5), torch.float32, torch.device("cpu"))
+    smaller = workspace.get("k", (3, 2), torch.float32, torch.device("cpu"))
+    assert smaller.data_ptr() == first.data_ptr() and smaller.shape == (3, 2)
+    other_key = workspace.get("other", (3, 2), torch.float32, torch.device("cpu"))
+    assert other_key.data_ptr() != first.data_ptr()
+    grown = workspace.get("k", (50,), torch.float32, torch.device("cpu"))
+    assert grown.numel() == 50
+    assert workspace.get("k", (2,), torch.bfloat16, torch.device("cpu")).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("n_secondaries", [1, 2])
+def test_scf_with_a_workspace_returns_a_tensor_of_its_own(n_secondaries: int) -> None:
+    # The engine hands the fused tensor to a writer thread while the next tensor is merged in
+    # the same workspace: the result must never be a view of a workspace buffer.
+    stored = _stored_pair(torch.float32, (40, 30), n_secondaries)
+    params = validate_params("scf_rkl", {}, len(stored))
+    workspace = Workspace()
+    fused = METHODS["scf_rkl"].fn(TensorInputs("w", stored[0], stored[1:], workspace=workspace), params)
+    kept = fused.clone()
+    assert torch.equal(fused, METHODS["scf_rkl"].fn(TensorInputs("w", stored[0], stored[1:]), params))
+    again = _stored_pair(torch.float32, (40, 30), n_secondaries)
+    METHODS["scf_rkl"].fn(TensorInputs("v", again[1], again[:1], workspace=workspace), params)
+    assert torch.equal(fused, kept)

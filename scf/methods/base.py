@@ -18,6 +18,42 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 
+class Workspace:
+    """Scratch buffers that outlive one tensor, so the next tensor's scratch costs no page faults.
+
+    A fresh multi-MB tensor is paid for once more on first touch (a page fault per 4 KiB, on CPU
+    about as long as a pass of arithmetic over it). Merging asks for the same scratch for every
+    tensor, so each buffer grows to the largest size it is asked for once and is reused after.
+    A buffer is only valid until the next `get` of its key: never return one from a method.
+    """
+
+    def __init__(self) -> None:
+        self._flat: dict[str, torch.Tensor] = {}
+
+    def get(self, key: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """An uninitialised tensor of ``shape`` backed by the buffer named ``key``.
+
+        Args:
+            key: the buffer's name (one per concurrent use, e.g. ``"scf.importance"``).
+            shape: the shape wanted.
+            dtype: its dtype.
+            device: its device.
+
+        Returns:
+            A view of the buffer (grown, and so reallocated, when too small).
+        """
+        numel = math.prod(shape)
+        flat = self._flat.get(key)
+        if flat is None or flat.numel() < numel or flat.dtype != dtype or flat.device != torch.device(device):
+            self._flat.pop(key, None)  # free the old buffer before making the larger one
+            flat = self._flat[key] = torch.empty(numel, dtype=dtype, device=device)
+        return flat[:numel].view(tuple(shape))
+
+    def clear(self) -> None:
+        """Free every buffer."""
+        self._flat.clear()
+
+
 @dataclass
 class TensorInputs:
     """The tensors of one name, as the engine hands them to a method.
@@ -30,6 +66,8 @@ class TensorInputs:
         reference: the common ancestor's tensor (task-vector methods), or None.
         generator: a ``torch.Generator`` on the compute device seeded from (seed, name) by the
             engine, for methods that sample (DARE); None when the method needs none.
+        workspace: tensor-sized scratch buffers kept from one tensor to the next (None: the
+            method allocates its own).
     """
 
     name: str
@@ -37,6 +75,7 @@ class TensorInputs:
     secondaries: list[torch.Tensor]
     reference: torch.Tensor | None = None
     generator: torch.Generator | None = None
+    workspace: Workspace | None = None
 
     @property
     def models(self) -> list[torch.Tensor]:

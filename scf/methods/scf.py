@@ -22,7 +22,7 @@ from pydantic import Field, model_validator
 
 from scf.divergence import importance
 from scf.errors import ScfError
-from scf.methods.base import MethodParams, TensorInputs
+from scf.methods.base import MethodParams, TensorInputs, Workspace
 from scf.quantile import quantiles
 
 # The paper ("Beyond Parameter Arithmetic: Sparse Complementary Fusion for Distribution-Aware Model
@@ -123,10 +123,10 @@ def _take_where_important(
     """``where(scores >= tau, secondary, base)``, a chunk at a time, in the inputs' common dtype.
 
     Chunks keep the mask small and in cache instead of a full-size boolean tensor. Values are
-    copied in their stored dtype (exact); with float32 inputs the scores buffer is reused for them.
+    copied in their stored dtype (exact).
     """
     dtype = torch.promote_types(base.dtype, secondary.dtype)
-    fused = scores if dtype == torch.float32 else torch.empty(base.shape, dtype=dtype, device=base.device)
+    fused = torch.empty(base.shape, dtype=dtype, device=base.device)
     flat_scores, flat_fused = scores.view(-1), fused.view(-1)
     flat_secondary, flat_base = secondary.reshape(-1), base.reshape(-1)
     mask = torch.empty(min(flat_scores.numel(), _SELECT_CHUNK), dtype=torch.bool, device=scores.device)
@@ -144,14 +144,17 @@ def _scf(inputs: TensorInputs, params: ScfParams, *, reverse: bool) -> torch.Ten
         raise ScfError(f"tensor {inputs.name!r}: SCF needs at least one secondary model")
     if base.dim() == 0 or base.numel() == 0:  # no distribution (scalar) or nothing to mask
         return base.clone()
+    workspace = inputs.workspace or Workspace()
     if len(inputs.secondaries) == 1:
         (secondary,) = inputs.secondaries
-        scores = importance(base, secondary, eps=params.eps, reverse=reverse)
+        scores = importance(base, secondary, eps=params.eps, reverse=reverse,
+                            out=workspace.get("scf.importance", base.shape, torch.float32, base.device))
         return _take_where_important(scores, _threshold(inputs.name, scores, params), secondary, base)
     fused: torch.Tensor | None = None
     winner: torch.Tensor | None = None  # importance of the secondary chosen so far, per element
     for secondary in inputs.secondaries:
-        scores = importance(base, secondary, eps=params.eps, reverse=reverse)
+        scores = importance(base, secondary, eps=params.eps, reverse=reverse,
+                            out=workspace.get("scf.importance", base.shape, torch.float32, base.device))
         take = scores >= _threshold(inputs.name, scores, params)  # (same shape as base)
         if fused is None:
             winner = torch.where(take, scores, -1.0)  # importance is >= 0, so -1 never wins
