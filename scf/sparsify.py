@@ -129,20 +129,22 @@ def draw_keep_mask(
     return torch.empty(numel, dtype=torch.bool, device=device).bernoulli_(density, generator=generator)
 
 
-def elect_positive(votes: list[torch.Tensor], total: torch.Tensor) -> torch.Tensor:
-    """TIES sign election on one chunk: where the elected sign is + (the sum over models is >= 0).
+def elect_signs(votes: list[torch.Tensor], total: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """TIES sign election on one chunk: +1 where the sum over models is >= 0, else -1.
 
     Args:
         votes: one float32 chunk per model (the weighted or raw task vectors that vote).
         total: float32 scratch of the chunk's size; holds ``sum(votes)`` afterwards.
+        out: float32 chunk that receives the elected signs.
 
     Returns:
-        bool chunk, True where the elected sign is + (a zero sum elects +, as mergekit).
+        ``out``: +1.0 / -1.0 per element (a zero sum elects +, as mergekit).
     """
     total.zero_()  # summed from +0 in model order, as a sum over a stacked dim 0 does
     for vote in votes:
         total += vote
-    return total >= 0
+    plus, minus = (torch.tensor(sign, dtype=out.dtype, device=out.device) for sign in (1.0, -1.0))
+    return torch.where(total >= 0, plus, minus, out=out)
 
 
 def agreeing(delta: torch.Tensor, elected_sign: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
@@ -157,3 +159,32 @@ def agreeing(delta: torch.Tensor, elected_sign: torch.Tensor, scratch: torch.Ten
         bool chunk: ``sign(delta) == elected_sign``.
     """
     return torch.mul(delta, elected_sign, out=scratch) > 0
+
+
+def variance_across(
+    deltas: list[torch.Tensor], out: torch.Tensor, scratch: list[torch.Tensor]
+) -> torch.Tensor:
+    """SCE's select score for one chunk: per element, the population variance across models.
+
+    Computed in float64 and rounded to float32 once, like ``torch.var(torch.stack(deltas), dim=0,
+    unbiased=False)``, whose CPU kernel accumulates in float64 too, but one element at a time
+    (about 100x slower). With two models both are exactly ``((a - b) / 2) ** 2`` before that
+    rounding, so the float32 results are identical; with more they agree to float64 rounding.
+
+    Args:
+        deltas: one float32 chunk per model.
+        out: float32 chunk that receives the variances.
+        scratch: three float64 buffers of the chunk's size.
+
+    Returns:
+        ``out``.
+    """
+    mean, deviation, squares = scratch
+    mean.copy_(deltas[0])
+    for delta in deltas[1:]:
+        mean += delta
+    mean /= len(deltas)
+    squares.zero_()
+    for delta in deltas:
+        squares += torch.sub(delta, mean, out=deviation).square_()
+    return out.copy_(squares.div_(len(deltas)))

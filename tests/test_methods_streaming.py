@@ -98,14 +98,14 @@ def reference_gta(name: str, reference, models, seed: int = 3, **params) -> torc
 
 
 def reference_sce(reference, models, select_topk: float = 1.0) -> torch.Tensor:
-    """mergekit's SCE on whole float32 tensors; mean squares summed in float64 (float32 squares)."""
+    """mergekit's SCE on whole float32 tensors; the mean squares in float64, rounded to float32."""
     reference = reference.float()
     deltas = torch.stack([model.float() - reference for model in models])
     if select_topk < 1:
         variance = torch.var(deltas, dim=0, unbiased=False)
         k = int(int(torch.count_nonzero(variance)) * select_topk)
         deltas = deltas * top_k_in_index_order(variance, k)
-    mean_square = (deltas.pow(2).double().flatten(1).sum(1) / reference.numel()).float()
+    mean_square = (deltas.double().pow(2).flatten(1).sum(1) / reference.numel()).float()
     weights = mean_square / float(mean_square.sum())
     w = weights.view(-1, *[1] * reference.dim())
     agree = deltas.sign() == torch.where(deltas.sum(0) >= 0, 1.0, -1.0)

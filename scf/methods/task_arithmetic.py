@@ -24,7 +24,7 @@ from pydantic import ConfigDict, Field, field_validator
 
 from scf.errors import ScfError
 from scf.methods.base import MethodParams, PerModel, TensorInputs, check_each, per_model_values
-from scf.sparsify import TopK, agreeing, draw_keep_mask, elect_positive, magnitude_k
+from scf.sparsify import TopK, agreeing, draw_keep_mask, elect_signs, magnitude_k, variance_across
 
 TASK_ARITHMETIC_URL = "https://arxiv.org/abs/2212.04089"
 TIES_URL = "https://arxiv.org/abs/2306.01708"
@@ -254,38 +254,49 @@ def _combine_chunk(deltas: list[torch.Tensor], combine: _Combine, scratch: _Scra
     Returns:
         The merged task-vector chunk (``scratch.merged``).
     """
-    weights = combine.weights
-    merged = scratch.merged
     if combine.consensus:
-        if not combine.elect_weighted:
-            positive = elect_positive(deltas, merged)
-        for delta, weight in zip(deltas, weights, strict=True):
-            delta.mul_(weight)
-        if combine.elect_weighted:
-            positive = elect_positive(deltas, merged)
-        elected = scratch.elected.copy_(positive).mul_(2).sub_(1)  # +1 / -1
-        divisor = scratch.divisor.zero_()
-        merged.zero_()
-        for delta, weight in zip(deltas, weights, strict=True):
-            # With raw-sign election (SCE) the weights are >= 0: a positive weight keeps the sign,
-            # and a zero-weighted entry adds 0 to both sums whether it agrees or not.
-            agree = agreeing(delta, elected, scratch.product)
-            merged += delta.mul_(agree)
-            divisor.add_(agree, alpha=weight)
-        if combine.divisor_floor is None:
-            divisor.masked_fill_(divisor == 0, 1)
-        else:
-            divisor.clamp_(min=combine.divisor_floor)
+        merged, divisor = _agreeing_sum(deltas, combine, scratch)
     else:
-        merged.zero_()
-        for delta, weight in zip(deltas, weights, strict=True):
+        merged = scratch.merged.zero_()
+        for delta, weight in zip(deltas, combine.weights, strict=True):
             merged += delta.mul_(weight)
-        divisor = _weight_sum(weights)
+        divisor = _weight_sum(combine.weights)
     if combine.normalize:
         merged /= divisor
     if combine.lambda_ != 1:
         merged *= combine.lambda_
     return merged
+
+
+def _agreeing_sum(
+    deltas: list[torch.Tensor], combine: _Combine, scratch: _Scratch
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sign consensus: the sum of the weighted entries that agree with the elected sign.
+
+    Returns:
+        ``(merged, divisor)``: the sum, and the sum of the agreeing weights with mergekit's rule
+        for a zero divisor (None when ``normalize`` is off: nothing divides by it).
+    """
+    if not combine.elect_weighted:
+        elected = elect_signs(deltas, scratch.merged, out=scratch.elected)
+    for delta, weight in zip(deltas, combine.weights, strict=True):
+        delta.mul_(weight)
+    if combine.elect_weighted:
+        elected = elect_signs(deltas, scratch.merged, out=scratch.elected)
+    merged = scratch.merged.zero_()
+    divisor = scratch.divisor.zero_() if combine.normalize else None
+    for delta, weight in zip(deltas, combine.weights, strict=True):
+        # With raw-sign election (SCE) the weights are >= 0: a positive weight keeps the sign,
+        # and a zero-weighted entry adds 0 to both sums whether it agrees or not.
+        agree = agreeing(delta, elected, scratch.product)
+        merged += delta.mul_(agree)
+        if divisor is not None:
+            divisor.add_(agree, alpha=weight)
+    if divisor is not None and combine.divisor_floor is None:
+        divisor.masked_fill_(divisor == 0, 1)
+    elif divisor is not None:
+        divisor.clamp_(min=combine.divisor_floor)
+    return merged, divisor
 
 
 def _weight_sum(weights: list[float]) -> float:
@@ -380,10 +391,18 @@ def _variance_top(
         The selection over ``out``.
     """
     nonzero = torch.zeros((), dtype=torch.int64, device=out.device)
+    scratch = _float64_buffers(3, reference)
     for chunk, _, deltas in _task_vector_chunks(models, reference):
-        torch.var(torch.stack(deltas), dim=0, unbiased=False, out=out[chunk])
-        nonzero += torch.count_nonzero(out[chunk])
+        length = chunk.stop - chunk.start
+        variance = variance_across(deltas, out[chunk], [buffer[:length] for buffer in scratch])
+        nonzero += torch.count_nonzero(variance)
     return TopK.of(out, int(int(nonzero) * fraction))
+
+
+def _float64_buffers(count: int, reference: torch.Tensor) -> list[torch.Tensor]:
+    """``count`` float64 chunk buffers on the reference's device."""
+    size = min(reference.numel(), CHUNK_ELEMENTS)
+    return [torch.empty(size, dtype=torch.float64, device=reference.device) for _ in range(count)]
 
 
 def _sce_weights(
@@ -391,17 +410,18 @@ def _sce_weights(
 ) -> list[float]:
     """Each selected task vector's mean square over the sum of them (uniform when that sum is < 1e-6).
 
-    The squares are summed in float64 over the chunks; each mean is then rounded to float32 and
-    normalized as mergekit does with its float32 means.
+    The squares are taken and summed in float64 (exact squares of float32 values); each mean is
+    then rounded to float32 and normalized as mergekit does with its float32 means.
     """
     keep = select.scan() if select is not None else None
     sums = torch.zeros(len(models), dtype=torch.float64, device=reference.device)
+    (squares,) = _float64_buffers(1, reference)
     for chunk, _, deltas in _task_vector_chunks(models, reference):
         selected = keep(variances[chunk]) if keep is not None else None
         for i, delta in enumerate(deltas):
             if selected is not None:
                 delta.mul_(selected)
-            sums[i] += torch.sum(delta.square_(), dtype=torch.float64)
+            sums[i] += squares[: delta.numel()].copy_(delta).square_().sum()
     mean_square = (sums / max(reference.numel(), 1)).to(torch.float32).cpu()
     total = float(mean_square.sum())
     if abs(total) < 1e-6:
