@@ -345,8 +345,16 @@ def io_floor(inputs: Sequence[Path], out: Path, shard_bytes: int, *, progress: b
     readers = [_Checkpoint(path) for path in inputs]
     writer = _ShardedWriter(out, shard_bytes)
     names = list(readers[0].weight_map)
+    scratch = torch.empty(0, dtype=torch.uint8)
     for name in tqdm(names, desc=f"I/O floor ({len(inputs)} inputs)", unit="tensor", disable=not progress):
         tensors = [reader.get(name) for reader in readers]
+        # safe_open maps lazily: copy out the bytes of the inputs that are not written, or their
+        # reading would cost nothing here (the written one is read by the write itself).
+        for tensor in tensors[1:]:
+            data = tensor.reshape(-1).view(torch.uint8)
+            if scratch.numel() < data.numel():
+                scratch = torch.empty(data.numel(), dtype=torch.uint8)
+            scratch[: data.numel()].copy_(data)
         writer.add(name, tensors[0])
         del tensors
     writer.close()
