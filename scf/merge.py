@@ -407,8 +407,9 @@ def _merge_tensor(plan: MergePlan, output: OutputTensor, tensors: list[torch.Ten
         models = inputs[: 1 + plan.n_secondaries]
         generator = torch.Generator(device=plan.device).manual_seed(tensor_seed(plan.spec.seed, name))
         reference = inputs[-1] if plan.has_reference else None
-        fused = plan.method.fn(TensorInputs(name, models[0], models[1:], reference, generator, workspace),
-                               plan.params)
+        method_inputs = TensorInputs(name, models[0], models[1:], reference, generator, workspace,
+                                     out_dtype=output.dtype)
+        fused = plan.method.fn(method_inputs, plan.params)
         _check_fused(fused, output, plan.spec.method)
         fused = fused.to(output.dtype)
         fractions = fraction_from(fused, models, representable=representable)

@@ -112,3 +112,14 @@ def test_scf_with_a_workspace_returns_a_tensor_of_its_own(n_secondaries: int) ->
     again = _stored_pair(torch.float32, (40, 30), n_secondaries)
     METHODS["scf_rkl"].fn(TensorInputs("v", again[1], again[:1], workspace=workspace), params)
     assert torch.equal(fused, kept)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_linear_rounds_each_chunk_as_the_engine_rounds_the_whole(out_dtype: torch.dtype,
+                                                                 small_chunks: None) -> None:
+    stored = _stored_pair(torch.bfloat16, (61, 47), n_secondaries=2)
+    params = validate_params("linear", {"weight": [0.2, 0.7, 0.4]}, 3)
+    direct = METHODS["linear"].fn(TensorInputs("w", stored[0], stored[1:], out_dtype=out_dtype), params)
+    in_float32 = METHODS["linear"].fn(TensorInputs("w", stored[0], stored[1:]), params)
+    assert direct.dtype == out_dtype and in_float32.dtype == torch.float32
+    assert torch.equal(direct, in_float32.to(out_dtype))

@@ -68,6 +68,8 @@ class TensorInputs:
             engine, for methods that sample (DARE); None when the method needs none.
         workspace: tensor-sized scratch buffers kept from one tensor to the next (None: the
             method allocates its own).
+        out_dtype: the dtype the engine writes; a method may return it directly (rounding each
+            float32 chunk as the engine would round the whole) to skip a float32 copy of the result.
     """
 
     name: str
@@ -76,6 +78,7 @@ class TensorInputs:
     reference: torch.Tensor | None = None
     generator: torch.Generator | None = None
     workspace: Workspace | None = None
+    out_dtype: torch.dtype | None = None
 
     @property
     def models(self) -> list[torch.Tensor]:

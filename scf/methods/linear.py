@@ -51,18 +51,25 @@ def linear(inputs: TensorInputs, params: LinearParams) -> torch.Tensor:
         params: validated `linear` parameters.
 
     Returns:
-        The fused float32 tensor, base's shape.
+        The fused tensor, base's shape: in ``inputs.out_dtype`` when given, else float32.
     """
     models = [m.reshape(-1) for m in inputs.models]
     weights = per_model_values(params.weight, len(models))
-    fused = torch.empty(inputs.base.shape, dtype=torch.float32, device=inputs.base.device)
-    upcast = torch.empty(min(fused.numel(), _CHUNK), dtype=torch.float32, device=fused.device)
+    out_dtype = inputs.out_dtype or torch.float32
+    fused = torch.empty(inputs.base.shape, dtype=out_dtype, device=inputs.base.device)
+    size = min(fused.numel(), _CHUNK)
+    upcast = torch.empty(size, dtype=torch.float32, device=fused.device)
+    # Accumulate in float32 (in place in the result when it is float32), then round the chunk.
+    acc_all = fused.view(-1) if out_dtype == torch.float32 else torch.empty_like(upcast)
     for chunk in element_chunks(fused.numel(), _CHUNK):
-        out = fused.view(-1)[chunk]
+        n = chunk.stop - chunk.start
+        acc = acc_all[chunk] if out_dtype == torch.float32 else acc_all[:n]
         # Upcast first: a bf16 operand times a Python float would be computed in bf16.
-        out.copy_(models[0][chunk]).mul_(weights[0])
+        acc.copy_(models[0][chunk]).mul_(weights[0])
         for w, model in zip(weights[1:], models[1:], strict=True):
-            out.add_(upcast[: out.numel()].copy_(model[chunk]), alpha=w)
+            acc.add_(upcast[:n].copy_(model[chunk]), alpha=w)
         if params.normalize:
-            out.div_(sum(weights))
+            acc.div_(sum(weights))
+        if out_dtype != torch.float32:
+            fused.view(-1)[chunk].copy_(acc)
     return fused
