@@ -19,7 +19,7 @@ import torch
 
 import scf.methods.task_arithmetic as task_arithmetic_module
 from scf.errors import ScfError
-from scf.methods.base import TensorInputs
+from scf.methods.base import TensorInputs, Workspace
 from scf.methods.registry import METHODS, validate_params
 
 TASK_VECTOR_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "sce")
@@ -160,6 +160,21 @@ def test_chunk_size_does_not_change_any_bit(monkeypatch: pytest.MonkeyPatch) -> 
             assert_bitwise_equal(output, outputs[0])
 
 
+@pytest.mark.parametrize("name", TASK_VECTOR_METHODS)
+def test_out_dtype_and_workspace_give_the_float32_result_rounded(small_chunks, name) -> None:
+    params = validate_params(name, {"select_topk": 0.5} if name == "sce" else {"density": 0.5}, 2)
+    workspace = Workspace()
+    for shape in [(41, 123), (7, 13), (41, 123)]:  # the workspace's buffers outlive each tensor
+        reference, models = family(2, shape, torch.bfloat16, seed=shape[1])
+        alone = call(name, reference, models, **params.model_dump(by_alias=True))
+        for out_dtype in (torch.bfloat16, torch.float32):
+            generator = torch.Generator().manual_seed(3)  # call()'s seed
+            inputs = TensorInputs("w", models[0], models[1:], reference, generator, workspace, out_dtype)
+            fused = METHODS[name].fn(inputs, params)
+            assert fused.dtype == out_dtype and fused.shape == shape
+            assert torch.equal(fused, alone.to(out_dtype))
+
+
 # --- ties at the threshold, zero task vectors, tiny tensors ---------------------------------------
 
 
@@ -246,7 +261,7 @@ import json, sys
 from pathlib import Path
 import torch
 import scf.methods.task_arithmetic as ta
-from scf.methods.base import TensorInputs
+from scf.methods.base import TensorInputs, Workspace
 from scf.methods.registry import METHODS, validate_params
 
 def status(key):

@@ -90,8 +90,8 @@ class SceParams(MethodParams):
     select_topk: float = Field(1.0, gt=0.0, le=1.0)
 
 
-CHUNK_ELEMENTS = 1 << 22
-"""Elements per streaming step. Every float32 temporary is this size (16 MB), not the tensor's."""
+CHUNK_ELEMENTS = 1 << 20
+"""Elements per streaming step: every float32 temporary is this size (4 MB), not the tensor's."""
 
 Trim = Callable[[torch.Tensor, slice], torch.Tensor]
 """A task vector's sparsifier, chunk by chunk: ``keep(delta_chunk, chunk) -> bool mask``."""
@@ -121,9 +121,83 @@ class _Combine:
     divisor_floor: float | None = None
 
 
+class _Stream:
+    """One tensor's task vectors, walked in flat chunks, and where the merged values go.
+
+    Buffers come from the engine's workspace when there is one (kept from one tensor to the
+    next: no page faults per tensor), else they are allocated here.
+    """
+
+    def __init__(self, inputs: TensorInputs, method: str) -> None:
+        self.reference = _reference(inputs, method).reshape(-1)
+        self.models = [model.reshape(-1) for model in inputs.models]
+        self.numel = self.reference.numel()
+        self.device = self.reference.device
+        self._workspace = inputs.workspace
+        # The engine writes out_dtype: rounding each float32 chunk here is what it would do to a
+        # float32 result, without a float32 copy of the whole tensor.
+        self.out = torch.empty(self.numel, dtype=inputs.out_dtype or torch.float32, device=self.device)
+
+    def buffer(self, key: str, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A flat scratch tensor, valid until the next request of the same key."""
+        if self._workspace is None:
+            return torch.empty(numel, dtype=dtype, device=self.device)
+        return self._workspace.get(f"task_vectors.{key}", (numel,), dtype, self.device)
+
+    def scores(self) -> torch.Tensor:
+        """A float32 tensor of the tensor's size for whole-tensor statistics (|delta|, variances).
+
+        The result itself when it is float32: it is free until the final pass writes it, and that
+        pass reads each chunk's scores before writing the chunk.
+        """
+        if self.out.dtype == torch.float32:
+            return self.out
+        return self.buffer("scores", self.numel)
+
+    def chunk_buffers(self, key: str, count: int, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+        """``count`` chunk-sized scratch tensors."""
+        size = min(self.numel, CHUNK_ELEMENTS)
+        return [self.buffer(f"{key}.{i}", size, dtype) for i in range(count)]
+
+    def chunks(
+        self, models: list[torch.Tensor] | None = None
+    ) -> Iterator[tuple[slice, torch.Tensor, list[torch.Tensor]]]:
+        """Walk flat chunks of the task vectors ``model - reference``, computed in float32.
+
+        Args:
+            models: the flat models to take task vectors of (default: all).
+
+        Yields:
+            ``(chunk, reference_chunk, deltas)``: the flat slice, the reference's chunk as float32
+            (read-only) and one float32 task-vector chunk per model, in buffers that the next step
+            reuses (the caller may modify them).
+        """
+        models = self.models if models is None else models
+        reference_buffer, *delta_buffers = self.chunk_buffers("chunk", len(models) + 1)
+        for start in range(0, self.numel, CHUNK_ELEMENTS):
+            chunk = slice(start, min(start + CHUNK_ELEMENTS, self.numel))
+            length = chunk.stop - chunk.start
+            reference_chunk = self.reference[chunk]
+            if reference_chunk.dtype != torch.float32:
+                reference_chunk = reference_buffer[:length].copy_(reference_chunk)
+            # A float32 operand makes the subtraction float32 (exact upcast of bf16/fp16 first).
+            deltas = [
+                torch.sub(model[chunk], reference_chunk, out=buffer[:length])
+                for model, buffer in zip(models, delta_buffers, strict=True)
+            ]
+            yield chunk, reference_chunk, deltas
+
+    def write(self, chunk: slice, reference_chunk: torch.Tensor, merged: torch.Tensor) -> None:
+        """Store ``reference + merged`` for one chunk (``merged`` is consumed)."""
+        if self.out.dtype == torch.float32:
+            torch.add(reference_chunk, merged, out=self.out[chunk])
+        else:
+            self.out[chunk].copy_(merged.add_(reference_chunk))
+
+
 @dataclass
 class _Scratch:
-    """float32 chunk buffers reused by every chunk (a fresh allocation costs page faults each time)."""
+    """float32 chunk buffers for combining task vectors."""
 
     merged: torch.Tensor
     divisor: torch.Tensor
@@ -131,9 +205,8 @@ class _Scratch:
     product: torch.Tensor
 
     @classmethod
-    def like(cls, reference: torch.Tensor) -> _Scratch:
-        size = min(reference.numel(), CHUNK_ELEMENTS)
-        return cls(*(torch.empty(size, dtype=torch.float32, device=reference.device) for _ in range(4)))
+    def of(cls, stream: _Stream) -> _Scratch:
+        return cls(*stream.chunk_buffers("combine", 4))
 
     def cut(self, size: int) -> _Scratch:
         return _Scratch(self.merged[:size], self.divisor[:size], self.elected[:size], self.product[:size])
@@ -165,38 +238,36 @@ def _generalized(
     """Task vectors -> sparsify (+ rescale) -> weight, elect, sum -> add back to the reference.
 
     Whole-tensor decisions come first (TIES's per-model magnitude threshold, DARE's keep masks);
-    then one pass over flat chunks computes each chunk's merged value into one float32 result.
+    then one pass over flat chunks computes each chunk's merged value into the result.
     """
     method = {None: "task_arithmetic", "magnitude": "ties", "random": "dare"}[sparsifier]
-    reference = _reference(inputs, method).reshape(-1)
-    models = [model.reshape(-1) for model in inputs.models]
-    densities = per_model_values(params.density, len(models))
-    out = torch.empty(reference.numel(), dtype=torch.float32, device=reference.device)
+    stream = _Stream(inputs, method)
+    densities = per_model_values(params.density, len(stream.models))
     if sparsifier == "magnitude":
         with _named(inputs):
             trims = [
-                _magnitude_trim(model, reference, density, out)
-                for model, density in zip(models, densities, strict=True)
+                _magnitude_trim(stream, model, density)
+                for model, density in zip(stream.models, densities, strict=True)
             ]
     elif sparsifier == "random":
         trims = _random_trims(inputs, method, densities)
     else:
-        trims = [None] * len(models)
+        trims = [None] * len(stream.models)
     rescale = sparsifier is not None and params.rescale
     rescales = [density if rescale and density < 1 else None for density in densities]
     combine = _Combine(
-        per_model_values(params.weight, len(models)), consensus, params.normalize, params.lambda_
+        per_model_values(params.weight, len(stream.models)), consensus, params.normalize, params.lambda_
     )
-    scratch = _Scratch.like(reference)
-    for chunk, reference_chunk, deltas in _task_vector_chunks(models, reference):
+    scratch = _Scratch.of(stream)
+    for chunk, reference_chunk, deltas in stream.chunks():
         for delta, trim, rescale in zip(deltas, trims, rescales, strict=True):
             if trim is not None:
                 delta.mul_(trim(delta, chunk))  # delta * keep, as a dense mask would: dropped -> +-0
             if rescale is not None:
                 delta.div_(rescale)
         merged = _combine_chunk(deltas, combine, scratch.cut(reference_chunk.numel()))
-        torch.add(reference_chunk, merged, out=out[chunk])
-    return out.view(inputs.base.shape)
+        stream.write(chunk, reference_chunk, merged)
+    return stream.out.view(inputs.base.shape)
 
 
 def sce(inputs: TensorInputs, params: SceParams) -> torch.Tensor:
@@ -204,40 +275,40 @@ def sce(inputs: TensorInputs, params: SceParams) -> torch.Tensor:
 
     Weights are each (selected) task vector's mean squared magnitude, normalized to sum to 1
     (uniform when that sum is below 1e-6), as in mergekit. Three passes over flat chunks: the
-    variance across task vectors (into the result buffer, for its exact top-k), the mean squares
-    (accumulated in float64), and the merge itself.
+    variance across task vectors (into a float32 scratch tensor, for its exact top-k), the mean
+    squares (in float64), and the merge itself.
 
     Args:
-        inputs: base, secondaries and the reference.
+        inputs: base, secondaries and the reference, in any float dtype.
         params: validated `sce` parameters.
 
     Returns:
-        ``reference + merged task vector``, float32, base's shape.
+        ``reference + merged task vector``, base's shape, in ``inputs.out_dtype`` when given, else
+        float32.
     """
-    reference = _reference(inputs, "sce").reshape(-1)
-    models = [model.reshape(-1) for model in inputs.models]
-    out = torch.empty(reference.numel(), dtype=torch.float32, device=reference.device)
-    select = None
+    stream = _Stream(inputs, "sce")
+    select = variances = None
     if params.select_topk < 1:
+        variances = stream.scores()
         with _named(inputs):
-            select = _variance_top(models, reference, params.select_topk, out)
+            select = _variance_top(stream, params.select_topk, variances)
     combine = _Combine(
-        _sce_weights(models, reference, select, out),
+        _sce_weights(stream, select, variances),
         consensus=True,
         normalize=True,
         elect_weighted=False,
         divisor_floor=1e-6,
     )
     keep = select.scan() if select is not None else None
-    scratch = _Scratch.like(reference)
-    for chunk, reference_chunk, deltas in _task_vector_chunks(models, reference):
+    scratch = _Scratch.of(stream)
+    for chunk, reference_chunk, deltas in stream.chunks():
         if keep is not None:
-            selected = keep(out[chunk])  # out holds the variances until this chunk is written
+            selected = keep(variances[chunk])
             for delta in deltas:
                 delta.mul_(selected)
         merged = _combine_chunk(deltas, combine, scratch.cut(reference_chunk.numel()))
-        torch.add(reference_chunk, merged, out=out[chunk])
-    return out.view(inputs.base.shape)
+        stream.write(chunk, reference_chunk, merged)
+    return stream.out.view(inputs.base.shape)
 
 
 def _combine_chunk(deltas: list[torch.Tensor], combine: _Combine, scratch: _Scratch) -> torch.Tensor:
@@ -305,61 +376,25 @@ def _weight_sum(weights: list[float]) -> float:
     return 1.0 if total.abs() < 1e-8 else float(total)
 
 
-def _task_vector_chunks(
-    models: list[torch.Tensor], reference: torch.Tensor
-) -> Iterator[tuple[slice, torch.Tensor, list[torch.Tensor]]]:
-    """Walk flat chunks of the task vectors ``model - reference``, computed in float32.
-
-    Args:
-        models: flat model tensors in any float dtype (never modified).
-        reference: the flat reference tensor, same size.
-
-    Yields:
-        ``(chunk, reference_chunk, deltas)``: the flat slice, the reference's chunk as float32
-        (read-only) and one float32 task-vector chunk per model, in buffers reused by the next
-        step (the caller may modify them).
-    """
-    numel = reference.numel()
-    size = min(numel, CHUNK_ELEMENTS)
-    reference_buffer, *delta_buffers = (
-        torch.empty(size, dtype=torch.float32, device=reference.device) for _ in range(len(models) + 1)
-    )
-    for start in range(0, numel, CHUNK_ELEMENTS):
-        chunk = slice(start, min(start + CHUNK_ELEMENTS, numel))
-        length = chunk.stop - chunk.start
-        reference_chunk = reference[chunk]
-        if reference_chunk.dtype != torch.float32:
-            reference_chunk = reference_buffer[:length].copy_(reference_chunk)
-        # A float32 operand makes the subtraction float32 (exact upcast of bf16/fp16 values first).
-        deltas = [
-            torch.sub(model[chunk], reference_chunk, out=buffer[:length])
-            for model, buffer in zip(models, delta_buffers, strict=True)
-        ]
-        yield chunk, reference_chunk, deltas
-
-
-def _magnitude_trim(
-    model: torch.Tensor, reference: torch.Tensor, density: float, scratch: torch.Tensor
-) -> Trim | None:
+def _magnitude_trim(stream: _Stream, model: torch.Tensor, density: float) -> Trim | None:
     """TIES's trim of one task vector: keep its ``magnitude_k`` largest ``|delta|``.
 
     Args:
-        model: flat model tensor.
-        reference: flat reference tensor.
+        stream: the tensor being merged.
+        model: one of ``stream.models``.
         density: fraction to keep; >= 1 keeps all (no trim).
-        scratch: float32 buffer of the tensor's size, overwritten with ``|model - reference|`` to
-            find the exact k-th largest magnitude.
 
     Returns:
         The chunk-by-chunk trim, or None when nothing is trimmed.
     """
     if density >= 1:
         return None
-    for chunk, _, (delta,) in _task_vector_chunks([model], reference):
-        torch.abs(delta, out=scratch[chunk])
-    keep = TopK.of(scratch, magnitude_k(density, scratch.numel())).scan()
-    magnitudes = torch.empty(min(scratch.numel(), CHUNK_ELEMENTS), dtype=torch.float32, device=scratch.device)
-    return lambda delta, chunk: keep(torch.abs(delta, out=magnitudes[: delta.numel()]))
+    magnitudes = stream.scores()  # |delta| of the whole tensor, for its k-th largest
+    for chunk, _, (delta,) in stream.chunks([model]):
+        torch.abs(delta, out=magnitudes[chunk])
+    keep = TopK.of(magnitudes, magnitude_k(density, stream.numel)).scan()
+    (chunk_magnitudes,) = stream.chunk_buffers("magnitudes", 1)  # shared: models are trimmed one by one
+    return lambda delta, chunk: keep(torch.abs(delta, out=chunk_magnitudes[: delta.numel()]))
 
 
 def _random_trims(inputs: TensorInputs, method: str, densities: list[float]) -> list[Trim | None]:
@@ -376,56 +411,46 @@ def _random_trims(inputs: TensorInputs, method: str, densities: list[float]) -> 
     return trims
 
 
-def _variance_top(
-    models: list[torch.Tensor], reference: torch.Tensor, fraction: float, out: torch.Tensor
-) -> TopK:
+def _variance_top(stream: _Stream, fraction: float, variances: torch.Tensor) -> TopK:
     """SCE's select step: the top ``fraction`` of nonzero variances across the task vectors.
 
     Args:
-        models: flat model tensors.
-        reference: flat reference tensor.
+        stream: the tensor being merged.
         fraction: share of the elements with nonzero variance to keep, in (0, 1).
-        out: float32 buffer of the tensor's size; holds the variances afterwards.
+        variances: float32 tensor of the tensor's size; holds the variances afterwards.
 
     Returns:
-        The selection over ``out``.
+        The selection over ``variances``.
     """
-    nonzero = torch.zeros((), dtype=torch.int64, device=out.device)
-    scratch = _float64_buffers(3, reference)
-    for chunk, _, deltas in _task_vector_chunks(models, reference):
+    nonzero = torch.zeros((), dtype=torch.int64, device=stream.device)
+    scratch = stream.chunk_buffers("variance", 3, torch.float64)
+    for chunk, _, deltas in stream.chunks():
         length = chunk.stop - chunk.start
-        variance = variance_across(deltas, out[chunk], [buffer[:length] for buffer in scratch])
+        variance = variance_across(deltas, variances[chunk], [buffer[:length] for buffer in scratch])
         nonzero += torch.count_nonzero(variance)
-    return TopK.of(out, int(int(nonzero) * fraction))
+    return TopK.of(variances, int(int(nonzero) * fraction))
 
 
-def _float64_buffers(count: int, reference: torch.Tensor) -> list[torch.Tensor]:
-    """``count`` float64 chunk buffers on the reference's device."""
-    size = min(reference.numel(), CHUNK_ELEMENTS)
-    return [torch.empty(size, dtype=torch.float64, device=reference.device) for _ in range(count)]
-
-
-def _sce_weights(
-    models: list[torch.Tensor], reference: torch.Tensor, select: TopK | None, variances: torch.Tensor
-) -> list[float]:
+def _sce_weights(stream: _Stream, select: TopK | None, variances: torch.Tensor | None) -> list[float]:
     """Each selected task vector's mean square over the sum of them (uniform when that sum is < 1e-6).
 
     The squares are taken and summed in float64 (exact squares of float32 values); each mean is
     then rounded to float32 and normalized as mergekit does with its float32 means.
     """
     keep = select.scan() if select is not None else None
-    sums = torch.zeros(len(models), dtype=torch.float64, device=reference.device)
-    (squares,) = _float64_buffers(1, reference)
-    for chunk, _, deltas in _task_vector_chunks(models, reference):
+    n_models = len(stream.models)
+    sums = torch.zeros(n_models, dtype=torch.float64, device=stream.device)
+    (squares,) = stream.chunk_buffers("squares", 1, torch.float64)
+    for chunk, _, deltas in stream.chunks():
         selected = keep(variances[chunk]) if keep is not None else None
         for i, delta in enumerate(deltas):
             if selected is not None:
                 delta.mul_(selected)
             sums[i] += squares[: delta.numel()].copy_(delta).square_().sum()
-    mean_square = (sums / max(reference.numel(), 1)).to(torch.float32).cpu()
+    mean_square = (sums / max(stream.numel, 1)).to(torch.float32).cpu()
     total = float(mean_square.sum())
     if abs(total) < 1e-6:
-        return [1.0 / len(models)] * len(models)
+        return [1.0 / n_models] * n_models
     return (mean_square / total).tolist()
 
 
