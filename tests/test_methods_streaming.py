@@ -249,6 +249,13 @@ def test_a_non_finite_task_vector_is_named_in_the_error() -> None:
         call("ties", reference, [base, torch.ones(8)], density=0.5)
 
 
+@pytest.mark.parametrize("name", TASK_VECTOR_METHODS)
+def test_a_missing_reference_names_the_method(name) -> None:
+    inputs = TensorInputs("w", torch.ones(3), [torch.ones(3)], None, torch.Generator())
+    with pytest.raises(ScfError, match=f"tensor 'w': method '{name}' needs `reference`"):
+        METHODS[name].fn(inputs, validate_params(name, {}, 2))
+
+
 # --- memory ---------------------------------------------------------------------------------------
 
 # A fresh process holds bf16 inputs of 2**23 elements (16 MiB each); a warm-up call loads every

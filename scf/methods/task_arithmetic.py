@@ -214,33 +214,37 @@ class _Scratch:
 
 def task_arithmetic(inputs: TensorInputs, params: TaskArithmeticParams) -> torch.Tensor:
     """``reference + lambda * sum_i weight_i * (model_i - reference)`` (mergekit `task_arithmetic`)."""
-    return _generalized(inputs, params, sparsifier=None, consensus=False)
+    return _generalized("task_arithmetic", inputs, params, sparsifier=None, consensus=False)
 
 
 def ties(inputs: TensorInputs, params: TiesParams) -> torch.Tensor:
     """TIES: trim each task vector to its top-``density`` magnitudes, elect signs, disjoint mean."""
-    return _generalized(inputs, params, sparsifier="magnitude", consensus=True)
+    return _generalized("ties", inputs, params, sparsifier="magnitude", consensus=True)
 
 
 def dare_linear(inputs: TensorInputs, params: DareParams) -> torch.Tensor:
     """DARE: random drop with probability ``1 - density``, rescale by ``1/density``, weighted sum."""
-    return _generalized(inputs, params, sparsifier="random", consensus=False)
+    return _generalized("dare_linear", inputs, params, sparsifier="random", consensus=False)
 
 
 def dare_ties(inputs: TensorInputs, params: DareParams) -> torch.Tensor:
     """DARE drop and rescale, then TIES sign consensus."""
-    return _generalized(inputs, params, sparsifier="random", consensus=True)
+    return _generalized("dare_ties", inputs, params, sparsifier="random", consensus=True)
 
 
 def _generalized(
-    inputs: TensorInputs, params: TaskArithmeticParams, *, sparsifier: Sparsifier, consensus: bool
+    method: str,
+    inputs: TensorInputs,
+    params: TaskArithmeticParams,
+    *,
+    sparsifier: Sparsifier,
+    consensus: bool,
 ) -> torch.Tensor:
     """Task vectors -> sparsify (+ rescale) -> weight, elect, sum -> add back to the reference.
 
     Whole-tensor decisions come first (TIES's per-model magnitude threshold, DARE's keep masks);
     then one pass over flat chunks computes each chunk's merged value into the result.
     """
-    method = {None: "task_arithmetic", "magnitude": "ties", "random": "dare"}[sparsifier]
     stream = _Stream(inputs, method)
     densities = per_model_values(params.density, len(stream.models))
     if sparsifier == "magnitude":
