@@ -12,6 +12,7 @@ from helpers_ckpt import finetune, llama_config, llama_state, save_checkpoint
 import scf.divergence
 import scf.methods.linear
 import scf.methods.scf
+import scf.methods.task_arithmetic
 from scf.io import open_checkpoint
 from scf.merge import merge
 from scf.methods.base import TensorInputs, Workspace
@@ -35,10 +36,15 @@ def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(scf.divergence, "_CHUNK_ELEMENTS", 1000)
     monkeypatch.setattr(scf.methods.scf, "_SELECT_CHUNK", 777)
     monkeypatch.setattr(scf.methods.linear, "_CHUNK", 999)
+    monkeypatch.setattr(scf.methods.task_arithmetic, "CHUNK_ELEMENTS", 555)
 
 
-def test_the_streaming_methods_are_scf_and_linear() -> None:
-    assert STREAMING == ["linear", "scf_kl", "scf_rkl"]
+def test_every_method_streams_from_the_stored_dtype() -> None:
+    assert sorted(METHODS) == STREAMING
+
+
+PARAMS = {"linear": {"weight": [0.3, 0.5, 0.2]}, "ties": {"density": 0.5}, "dare_linear": {"density": 0.6},
+          "dare_ties": {"density": 0.6}, "sce": {"select_topk": 0.5}}
 
 
 @pytest.mark.parametrize("method", STREAMING)
@@ -46,16 +52,22 @@ def test_the_streaming_methods_are_scf_and_linear() -> None:
 @pytest.mark.parametrize("shape", [(37, 53), (5, 6, 7), (301,)])
 def test_stored_dtype_equals_float32_upcast(method: str, dtype: torch.dtype, shape: tuple[int, ...],
                                             small_chunks: None) -> None:
-    stored = _stored_pair(dtype, shape, n_secondaries=2 if method == "linear" else 1)
-    params = validate_params(method, {"weight": [0.3, 0.5, 0.2]} if method == "linear" else {}, len(stored))
-    fn = METHODS[method].fn
-    from_stored = fn(TensorInputs("w", stored[0], stored[1:]), params)
-    upcast = [t.float() for t in stored]
-    from_float32 = fn(TensorInputs("w", upcast[0], upcast[1:]), params)
-    # SCF copies values, so it may keep the stored dtype; linear computes in float32.
+    spec = METHODS[method]
+    stored = _stored_pair(dtype, shape, n_secondaries=1 if method.startswith("scf") else 2)
+    models, reference = (stored[1:], stored[0]) if spec.needs_reference else (stored, None)
+    params = validate_params(method, PARAMS.get(method, {}), len(models))
+
+    def run(tensors: list[torch.Tensor], ref: torch.Tensor | None) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(5)  # DARE's drop: the same draw both times
+        return spec.fn(TensorInputs("w", tensors[0], tensors[1:], ref, generator), params)
+
+    from_stored = run(models, reference)
+    from_float32 = run([t.float() for t in models], None if reference is None else reference.float())
+    # SCF copies values, so it may keep the stored dtype; the others compute in float32.
     assert from_stored.dtype == (dtype if method.startswith("scf") else torch.float32)
     assert torch.equal(from_stored.float(), from_float32)
-    assert all(torch.equal(a.float(), b) for a, b in zip(stored, upcast, strict=True))  # inputs untouched
+    fresh = _stored_pair(dtype, shape, len(stored) - 1)
+    assert all(torch.equal(a, b) for a, b in zip(stored, fresh, strict=True))  # inputs untouched
 
 
 def test_scf_of_mixed_dtypes_keeps_each_value_exact() -> None:

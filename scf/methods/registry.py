@@ -115,6 +115,7 @@ METHODS: dict[str, MethodSpec] = {
         per_model_params=("weight", "density"),
         reference_url=TASK_ARITHMETIC_URL,
         summary="reference + lambda * weighted sum of task vectors (model - reference); mergekit preset.",
+        stored_dtype=True,
     ),
     "ties": MethodSpec(
         name="ties",
@@ -124,6 +125,7 @@ METHODS: dict[str, MethodSpec] = {
         per_model_params=("weight", "density"),
         reference_url=TIES_URL,
         summary="TIES: trim task vectors to top-density magnitudes, elect signs, disjoint weighted mean.",
+        stored_dtype=True,
     ),
     "dare_linear": MethodSpec(
         name="dare_linear",
@@ -133,6 +135,7 @@ METHODS: dict[str, MethodSpec] = {
         per_model_params=("weight", "density"),
         reference_url=DARE_URL,
         summary="DARE: drop task-vector entries at random (seeded), rescale by 1/density, weighted sum.",
+        stored_dtype=True,
     ),
     "dare_ties": MethodSpec(
         name="dare_ties",
@@ -142,6 +145,7 @@ METHODS: dict[str, MethodSpec] = {
         per_model_params=("weight", "density"),
         reference_url=DARE_URL,
         summary="DARE drop and rescale, then TIES sign election.",
+        stored_dtype=True,
     ),
     "sce": MethodSpec(
         name="sce",
@@ -151,6 +155,7 @@ METHODS: dict[str, MethodSpec] = {
         per_model_params=(),
         reference_url=SCE_URL,
         summary="SCE: select high-variance entries, weight task vectors by mean square, erase minority signs",
+        stored_dtype=True,
     ),
 }
 
