@@ -101,6 +101,24 @@ def magnitude_k(density: float, numel: int) -> int:
     return max(1, int(density * numel)) if numel > 0 else 0
 
 
+def variance_select_count(nonzero: int, fraction: float) -> int:
+    """How many elements SCE's select step keeps: ``fraction`` of the nonzero variances, as mergekit.
+
+    mergekit (0.1.5) multiplies the count, an int64 tensor, by the float fraction: the product is
+    float32, so above 2**24 the count is rounded to float32 before truncation (207,187,957 * 0.5
+    gives 103,593,976, not 103,593,978). Computed the same way so the same number is kept.
+
+    Args:
+        nonzero: number of elements whose variance across task vectors is nonzero.
+        fraction: ``select_topk``, in (0, 1].
+
+    Returns:
+        The number of elements to keep.
+    """
+    product = torch.tensor(nonzero, dtype=torch.float32) * torch.tensor(fraction, dtype=torch.float32)
+    return int(product)
+
+
 def draw_keep_mask(
     numel: int, density: float, generator: torch.Generator, device: torch.device
 ) -> torch.Tensor:

@@ -21,6 +21,7 @@ import scf.methods.task_arithmetic as task_arithmetic_module
 from scf.errors import ScfError
 from scf.methods.base import TensorInputs, Workspace
 from scf.methods.registry import METHODS, validate_params
+from scf.sparsify import variance_select_count
 
 TASK_VECTOR_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "sce")
 
@@ -103,7 +104,7 @@ def reference_sce(reference, models, select_topk: float = 1.0) -> torch.Tensor:
     deltas = torch.stack([model.float() - reference for model in models])
     if select_topk < 1:
         variance = torch.var(deltas, dim=0, unbiased=False)
-        k = int(int(torch.count_nonzero(variance)) * select_topk)
+        k = int(torch.count_nonzero(variance) * select_topk)  # a float32 product, as mergekit
         deltas = deltas * top_k_in_index_order(variance, k)
     mean_square = (deltas.double().pow(2).flatten(1).sum(1) / reference.numel()).float()
     weights = mean_square / float(mean_square.sum())
@@ -199,6 +200,14 @@ def test_ties_keeps_at_least_one_entry_of_a_small_tensor_like_mergekit() -> None
     # the largest magnitude, -4, is kept and is the only vote
     out = call("ties", torch.zeros(3), [torch.tensor([1.0, -4.0, 2.0]), torch.zeros(3)], density=0.2)
     assert out.tolist() == [0.0, -4.0, 0.0]
+
+
+def test_sce_select_count_rounds_like_mergekit() -> None:
+    # mergekit's int64-count * fraction is a float32 product: the embedding of the 1.5B bench family
+    # has 207,187,957 nonzero variances, and select_topk 0.5 keeps 103,593,976 there, not ...978
+    assert variance_select_count(207_187_957, 0.5) == 103_593_976
+    assert variance_select_count(3, 0.5) == 1  # small counts are exact: int(1.5)
+    assert variance_select_count(2**24 + 1, 1.0) == 2**24  # 2**24 + 1 is not a float32
 
 
 @pytest.mark.parametrize("name", TASK_VECTOR_METHODS)

@@ -24,7 +24,15 @@ from pydantic import ConfigDict, Field, field_validator
 
 from scf.errors import ScfError
 from scf.methods.base import MethodParams, PerModel, TensorInputs, check_each, per_model_values
-from scf.sparsify import TopK, agreeing, draw_keep_mask, elect_signs, magnitude_k, variance_across
+from scf.sparsify import (
+    TopK,
+    agreeing,
+    draw_keep_mask,
+    elect_signs,
+    magnitude_k,
+    variance_across,
+    variance_select_count,
+)
 
 TASK_ARITHMETIC_URL = "https://arxiv.org/abs/2212.04089"
 TIES_URL = "https://arxiv.org/abs/2306.01708"
@@ -432,7 +440,7 @@ def _variance_top(stream: _Stream, fraction: float, variances: torch.Tensor) -> 
         length = chunk.stop - chunk.start
         variance = variance_across(deltas, variances[chunk], [buffer[:length] for buffer in scratch])
         nonzero += torch.count_nonzero(variance)
-    return TopK.of(variances, int(int(nonzero) * fraction))
+    return TopK.of(variances, variance_select_count(int(nonzero), fraction))
 
 
 def _sce_weights(stream: _Stream, select: TopK | None, variances: torch.Tensor | None) -> list[float]:
