@@ -401,7 +401,7 @@ class RunResult:
 
     Attributes:
         wall_s: seconds of the merge call itself (interpreter start and imports excluded).
-        peak_rss_bytes: the process's peak resident set size (getrusage), imports included.
+        peak_rss_bytes: the process's peak resident set size (VmHWM), imports included.
         error: why it failed, or None.
     """
 
@@ -495,7 +495,19 @@ class _RssSampler:
 
 
 def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """This process's peak RSS since it started (exec), in bytes.
+
+    Linux's VmHWM, not getrusage's ru_maxrss: the latter keeps the high-water mark of the parent
+    at fork time across exec, so a child of a benchmark that has just read gigabytes would report
+    the parent's peak instead of its own.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def _run_child(command: list[str]) -> RunResult:
