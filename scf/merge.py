@@ -398,10 +398,6 @@ def _merge_tensor(plan: MergePlan, output: OutputTensor, tensors: list[torch.Ten
         untouched = {f"secondary_{i}": 0.0 for i in range(plan.n_secondaries)}
         fractions = {"base": 1.0, **untouched, "neither": 0.0}
     else:
-        # Stored values round exactly to a float32 output or to their own dtype, so fraction_from
-        # may then compare without rounding each model first.
-        representable = output.dtype == torch.float32 or all(
-            t.dtype == output.dtype for t in tensors[: 1 + plan.n_secondaries])
         inputs = [_to_device(t, name, label, plan) for t, label in zip(tensors, plan.labels, strict=True)]
         tensors.clear()  # the caller's list: drop the originals once moved (or upcast)
         models = inputs[: 1 + plan.n_secondaries]
@@ -412,7 +408,7 @@ def _merge_tensor(plan: MergePlan, output: OutputTensor, tensors: list[torch.Ten
         fused = plan.method.fn(method_inputs, plan.params)
         _check_fused(fused, output, plan.spec.method)
         fused = fused.to(output.dtype)
-        fractions = fraction_from(fused, models, representable=representable)
+        fractions = fraction_from(fused, models)
         if name in plan.diagnosed:  # None marks a matrix too large to diagnose cheaply
             too_large = fused.numel() > diag.MAX_ELEMENTS
             diagnostics[name] = None if too_large else diag.matrix_diagnostics(models[0].float(), fused)
@@ -453,21 +449,18 @@ def _check_fused(fused: torch.Tensor, output: OutputTensor, method: str) -> None
         raise ScfError(f"method {method!r} produced NaN/Inf for tensor {output.name!r}; check its params")
 
 
-def fraction_from(fused: torch.Tensor, models: list[torch.Tensor], *,
-                  representable: bool = False) -> dict[str, float]:
-    """Share of elements whose written value equals the base's, else each secondary's, else none.
+def fraction_from(fused: torch.Tensor, models: list[torch.Tensor]) -> dict[str, float]:
+    """Share of elements whose written value is bit-identical to the base's, else to a secondary's.
 
     Args:
         fused: the fused tensor as written (output dtype).
         models: ``[base, *secondaries]`` (any float dtype, same shape), compared after rounding
             to the output dtype. An element equal to several models counts for the first of them.
-        representable: the caller knows every model value is exactly representable in
-            ``fused``'s dtype (stored in it, or a float32 output). Rounding them is then the
-            identity, so they are compared as they are (mixed dtypes compare exactly in the wider
-            one), with no rounded copy per model.
 
     Returns:
-        ``{"base": f, "secondary_0": f, ..., "neither": f}``, summing to 1.
+        ``{"base": f, "secondary_0": f, ..., "neither": f}``, summing to 1. Bits, not values, are
+        compared: that is what "taken from" means (a -0.0 written where the base holds +0.0 was
+        not taken from it), and an integer compare costs half a float one.
     """
     numel = fused.numel()
     flat_fused, flat_models = fused.reshape(-1), [m.reshape(-1) for m in models]
@@ -481,19 +474,26 @@ def fraction_from(fused: torch.Tensor, models: list[torch.Tensor], *,
     for start in range(0, numel, _CHUNK):
         fused_chunk = flat_fused[start: start + _CHUNK]
         n = fused_chunk.numel()
+        fused_bits = _bits(fused_chunk)
         for i, model in enumerate(flat_models):
-            model_chunk = model[start: start + _CHUNK]
-            if not representable and model_chunk.dtype != fused_chunk.dtype:
-                model_chunk = model_chunk.to(fused_chunk.dtype)  # a copied value is the input rounded
+            model_chunk = model[start: start + _CHUNK].to(fused_chunk.dtype)  # a copy only if rounded
             if i == 0:
-                torch.eq(fused_chunk, model_chunk, out=claimed[:n])
+                torch.eq(fused_bits, _bits(model_chunk), out=claimed[:n])
             else:
-                claimed[:n].bitwise_or_(torch.eq(fused_chunk, model_chunk, out=equal[:n]))
+                claimed[:n].bitwise_or_(torch.eq(fused_bits, _bits(model_chunk), out=equal[:n]))
             claimed_upto[i] += int(claimed[:n].count_nonzero())
     bounds = [0, *claimed_upto, numel]
     counts = [high - low for low, high in zip(bounds, bounds[1:], strict=False)]
     keys = ["base", *(f"secondary_{i}" for i in range(len(models) - 1)), "neither"]
     return {key: count / max(numel, 1) for key, count in zip(keys, counts, strict=True)}
+
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The same memory seen as integers of the element's size (bit patterns, for exact compares)."""
+    return tensor.view(_INT_OF_SIZE[tensor.element_size()])
 
 
 def _report(plan: MergePlan, records: list[dict[str, Any]], timings: dict[str, float],

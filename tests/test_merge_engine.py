@@ -151,6 +151,16 @@ def test_fraction_from_counts_each_element_once() -> None:
         "base": 2 / 8, "secondary_0": 3 / 8, "secondary_1": 2 / 8, "neither": 1 / 8}
 
 
+def test_fraction_from_compares_bits_after_rounding_to_the_output_dtype() -> None:
+    base = torch.tensor([0.0, 1.0, 1.0 + 2**-12, 3.0], dtype=torch.float32)
+    sec = torch.tensor([5.0, 2.0, 7.0, 3.0], dtype=torch.bfloat16)
+    fused = torch.tensor([-0.0, 2.0, 1.0, 3.0], dtype=torch.bfloat16)
+    # -0.0 was not taken from the base's +0.0; 1 + 2**-12 rounds to 1.0 in bf16, so it was.
+    assert fraction_from(fused, [base, sec]) == {"base": 2 / 4, "secondary_0": 1 / 4, "neither": 1 / 4}
+    widened = fused.float()  # a float32 output holds the bf16 values exactly
+    assert fraction_from(widened, [base.bfloat16(), sec]) == fraction_from(fused, [base, sec])
+
+
 def test_report_and_resolved_config_reproduce_the_merge(pair: tuple[Path, list[Path]],
                                                         tmp_path: Path) -> None:
     base, secs = pair
