@@ -134,20 +134,6 @@ def check_each(value: PerModel, low: float, high: float, *, low_open: bool = Fal
     return value
 
 
-def weight_tensor(values: list[float], like: torch.Tensor) -> torch.Tensor:
-    """Per-model scalars as a tensor shaped to broadcast against a stack of ``like``-shaped tensors.
-
-    Args:
-        values: one float per stacked model.
-        like: a tensor of the stacked models' shape (gives dtype, device and rank).
-
-    Returns:
-        A tensor of shape ``(n, 1, ..., 1)`` with ``like.dim()`` trailing ones.
-    """
-    weights = torch.tensor(values, dtype=like.dtype, device=like.device)
-    return weights.view(-1, *([1] * like.dim()))
-
-
 def element_chunks(numel: int, chunk: int) -> list[slice]:
     """Consecutive slices of at most ``chunk`` elements covering ``range(numel)`` (flat views).
 
