@@ -18,7 +18,7 @@ import torch
 
 from scf.errors import ScfError
 
-_CHUNK_ELEMENTS = 1 << 20  # float64 elements per row chunk: 8 MB buffers (L3), few parallel regions
+_CHUNK_ELEMENTS = 1 << 18  # elements per row chunk: 2 MB float64 buffers (cache-sized; measured fastest)
 
 
 def as_rows(tensor: torch.Tensor) -> torch.Tensor:

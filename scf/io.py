@@ -511,9 +511,10 @@ class BackgroundWriter:
     """Feeds a `ShardedWriter` from a thread, so writing a tensor (and fsyncing a finished shard)
     overlaps the computation of the next one.
 
-    At most one tensor waits in the queue while another is being written, so memory holds at most
-    two output tensors beyond the one being computed. A write error is raised by the next `write`
-    or by `finish`. A tensor handed to `write` must not be modified afterwards.
+    At most two tensors wait in the queue while another is being written (slack for a slow fsync
+    or a large tensor), so memory holds at most three output tensors beyond the one being
+    computed. A write error is raised by the next `write` or by `finish`. A tensor handed to
+    `write` must not be modified afterwards.
 
     Attributes:
         busy_seconds: time the thread spent writing (it overlaps the caller's work).
@@ -522,7 +523,7 @@ class BackgroundWriter:
     def __init__(self, writer: ShardedWriter) -> None:
         self.busy_seconds = 0.0
         self._writer = writer
-        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._queue: queue.Queue = queue.Queue(maxsize=2)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="scf-writer", daemon=True)
         self._thread.start()
@@ -543,7 +544,7 @@ class BackgroundWriter:
             raise self._error
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue the next tensor (blocks while another one is already waiting).
+        """Queue the next tensor (blocks while two are already waiting).
 
         Args:
             name: tensor name, in the planned order.

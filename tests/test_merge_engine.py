@@ -20,7 +20,7 @@ from helpers_ckpt import finetune, llama_config, llama_state, make_pair, save_ch
 from safetensors import safe_open
 
 from scf import diagnostics as diag
-from scf.io import INDEX_NAME, open_checkpoint
+from scf.io import INDEX_NAME, BackgroundWriter, OutputTensor, ShardedWriter, open_checkpoint
 from scf.merge import fraction_from, merge, merge_fingerprint, tensor_seed
 from scf.methods.base import TensorInputs
 from scf.methods.registry import METHODS, get_method, validate_params
@@ -280,3 +280,20 @@ def test_killed_mid_merge_leaves_no_destination_and_rerun_succeeds(tmp_path: Pat
     merge(MergeSpec(base=str(base), secondary=[str(secs[0])], method="linear"), out, progress=False)
     assert (out / "merge_report.json").is_file()
     assert sorted(p.name for p in out.parent.iterdir()) == ["merged"]  # stale temp dir cleaned
+
+
+def test_background_writer_raises_a_write_error_and_stops(tmp_path: Path) -> None:
+    tensors = [OutputTensor("a", (2,), torch.float32), OutputTensor("b", (2,), torch.float32)]
+    writer = BackgroundWriter(ShardedWriter(tmp_path, tensors, 2**20, {}))
+    writer.write("b", torch.zeros(2))  # out of the planned order: the thread's write fails
+    with pytest.raises(RuntimeError, match="writer expected"):
+        writer.finish()
+    writer.abort()  # after a failure: closes the shard, no hang
+    (tmp_path / "ok").mkdir()
+    ok = BackgroundWriter(ShardedWriter(tmp_path / "ok", tensors, 2**20, {}))
+    ok.write("a", torch.ones(2))
+    ok.write("b", torch.full((2,), 2.0))
+    ok.finish()
+    assert ok.busy_seconds > 0
+    loaded = open_checkpoint(tmp_path / "ok")
+    assert torch.equal(loaded.load("b"), torch.full((2,), 2.0))
