@@ -22,8 +22,14 @@ from pathlib import Path
 RESULT_PREFIX = "RESULT "
 
 
-def _peak_rss_bytes() -> int:
-    """Peak RSS since exec (VmHWM; getrusage would include the parent's peak at fork time)."""
+def peak_rss_bytes() -> int:
+    """This process's peak RSS since it started (exec), in bytes.
+
+    Linux's VmHWM, not getrusage's ru_maxrss: the latter keeps the high-water mark of the parent
+    at fork time across exec, so a child of a benchmark that has just read gigabytes would report
+    the parent's peak instead of its own. (Also used by merge_throughput.py: this file may only
+    use the standard library, as it runs in mergekit's virtualenv.)
+    """
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -63,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         run_merge(config, args.out, options=options, config_source=source)
         result["wall_s"] = time.perf_counter() - start
-        result["peak_rss_bytes"] = _peak_rss_bytes()
+        result["peak_rss_bytes"] = peak_rss_bytes()
     except Exception as exc:  # reported by the benchmark, which goes on
         result["error"] = f"{type(exc).__name__}: {exc}"
     print(RESULT_PREFIX + json.dumps(result), flush=True)

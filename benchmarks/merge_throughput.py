@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.util
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -495,19 +495,11 @@ class _RssSampler:
 
 
 def _peak_rss_bytes() -> int:
-    """This process's peak RSS since it started (exec), in bytes.
-
-    Linux's VmHWM, not getrusage's ru_maxrss: the latter keeps the high-water mark of the parent
-    at fork time across exec, so a child of a benchmark that has just read gigabytes would report
-    the parent's peak instead of its own.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    """The child's own peak RSS (see ``_mergekit_runner.peak_rss_bytes``, shared by both children)."""
+    spec = importlib.util.spec_from_file_location("_mergekit_runner", MERGEKIT_RUNNER)
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    return runner.peak_rss_bytes()
 
 
 def _run_child(command: list[str]) -> RunResult:
