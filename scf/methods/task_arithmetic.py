@@ -23,7 +23,15 @@ import torch
 from pydantic import ConfigDict, Field, field_validator
 
 from scf.errors import ScfError
-from scf.methods.base import MethodParams, PerModel, TensorInputs, check_each, per_model_values
+from scf.methods.base import (
+    MethodParams,
+    PerModel,
+    TensorInputs,
+    Workspace,
+    check_each,
+    element_chunks,
+    per_model_values,
+)
 from scf.sparsify import (
     TopK,
     agreeing,
@@ -141,15 +149,13 @@ class _Stream:
         self.models = [model.reshape(-1) for model in inputs.models]
         self.numel = self.reference.numel()
         self.device = self.reference.device
-        self._workspace = inputs.workspace
+        self._workspace = inputs.workspace or Workspace()  # a throwaway one allocates afresh
         # The engine writes out_dtype: rounding each float32 chunk here is what it would do to a
         # float32 result, without a float32 copy of the whole tensor.
         self.out = torch.empty(self.numel, dtype=inputs.out_dtype or torch.float32, device=self.device)
 
     def buffer(self, key: str, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A flat scratch tensor, valid until the next request of the same key."""
-        if self._workspace is None:
-            return torch.empty(numel, dtype=dtype, device=self.device)
         return self._workspace.get(f"task_vectors.{key}", (numel,), dtype, self.device)
 
     def scores(self) -> torch.Tensor:
@@ -182,8 +188,7 @@ class _Stream:
         """
         models = self.models if models is None else models
         reference_buffer, *delta_buffers = self.chunk_buffers("chunk", len(models) + 1)
-        for start in range(0, self.numel, CHUNK_ELEMENTS):
-            chunk = slice(start, min(start + CHUNK_ELEMENTS, self.numel))
+        for chunk in element_chunks(self.numel, CHUNK_ELEMENTS):
             length = chunk.stop - chunk.start
             reference_chunk = self.reference[chunk]
             if reference_chunk.dtype != torch.float32:
