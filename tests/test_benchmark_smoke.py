@@ -134,3 +134,38 @@ def test_tiny_run_measures_floor_time_and_rss_per_method(tiny_family, tmp_path, 
     table = capsys.readouterr().out
     assert "| scf_rkl | 2 |" in table and "| task_arithmetic | 3 |" in table
     assert not (workdir / "out" / "scf_rkl").exists()  # outputs removed unless --keep-outputs
+
+
+def _load_script(name: str):
+    path = REPO / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_stage_profile_times_the_engines_own_scf_rkl_path(tmp_path, capsys):
+    """benchmarks/scf_stages.py: its stages compose to exactly scf_rkl's output, and it reports
+    every stage, the floor and the primitives as positive per-element costs."""
+    from scf.methods.base import TensorInputs
+    from scf.methods.scf import ScfParams, scf_rkl
+
+    stages = _load_script("scf_stages")
+    base, secondary = stages.synthetic_pair(48, 80, seed=3)
+    assert base.dtype == secondary.dtype == torch.bfloat16
+    assert 0 < (base != secondary).double().mean() < 1  # fine-tuning-like: most, not all, elements move
+
+    callables = stages.stage_callables(base, secondary)
+    fused = callables["select where(I >= tau)"]()
+    assert torch.equal(fused, scf_rkl(TensorInputs("w", base, [secondary]), ScfParams()))
+
+    out_json = tmp_path / "stages.json"
+    assert stages.main(["--rows", "48", "--width", "80", "--repeats", "1", "--json", str(out_json)]) == 0
+    results = json.loads(out_json.read_text())
+    assert set(results["stages_ns"]) == set(callables)
+    assert all(v > 0 for v in [results["floor_ns"], *results["stages_ns"].values(),
+                                *results["primitives_ns"].values()])
+    expected = sum(v for k, v in results["stages_ns"].items() if "pass 1" not in k)
+    assert stages.compute_ns(results["stages_ns"]) == pytest.approx(expected)
+    printed = capsys.readouterr().out
+    assert "compute, all stages" in printed and "3x allows at most" in printed
