@@ -135,3 +135,34 @@ def test_linear_rounds_each_chunk_as_the_engine_rounds_the_whole(out_dtype: torc
     in_float32 = METHODS["linear"].fn(TensorInputs("w", stored[0], stored[1:]), params)
     assert direct.dtype == out_dtype and in_float32.dtype == torch.float32
     assert torch.equal(direct, in_float32.to(out_dtype))
+
+
+def test_a_method_without_stored_dtype_gets_float32_copies(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # The easy path for a new method: the engine upcasts every input to float32 before calling it,
+    # and rounds what it returns to the output dtype. A probe method records what it is handed.
+    import dataclasses
+
+    seen: list[tuple[str, list[torch.dtype]]] = []
+
+    def mean_probe(inputs: TensorInputs, params) -> torch.Tensor:
+        models = [inputs.base, *inputs.secondaries]
+        seen.append((inputs.name, [t.dtype for t in models]))
+        return sum(models) / len(models)
+
+    probe = dataclasses.replace(METHODS["linear"], name="mean_probe", fn=mean_probe, stored_dtype=False)
+    monkeypatch.setitem(METHODS, "mean_probe", probe)
+    config = llama_config(n_layers=1)
+    state = llama_state(config, seed=6, dtype=torch.bfloat16)
+    tuned = {name: tensor.to(torch.bfloat16) for name, tensor in finetune(state, seed=7).items()}
+    base = save_checkpoint(tmp_path / "base", state, config)
+    sec = save_checkpoint(tmp_path / "sec", tuned, config)
+    spec = MergeSpec(base=str(base), secondary=[str(sec)], method="mean_probe")
+    merge(spec, tmp_path / "out", progress=False)
+
+    assert {name for name, _ in seen} == set(state)
+    assert all(dtypes == [torch.float32, torch.float32] for _, dtypes in seen)
+    merged = open_checkpoint(tmp_path / "out")
+    for name in state:
+        expected = ((state[name].float() + tuned[name].float()) / 2).to(torch.bfloat16)
+        assert torch.equal(merged.load(name), expected), name
