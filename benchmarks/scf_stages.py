@@ -23,8 +23,8 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
-import os
 import sys
 import tempfile
 import time
@@ -46,17 +46,25 @@ from scf.methods.scf import ScfParams, _take_where_important, threshold  # noqa:
 _CHUNK_ROWS_ELEMENTS = 1 << 18  # the primitives run on one chunk of this many elements (in cache)
 
 
+def _load_merge_throughput():
+    """benchmarks/merge_throughput.py, whose family recipe and I/O floor this script reuses."""
+    if "merge_throughput" in sys.modules:  # already imported (by the smoke tests)
+        return sys.modules["merge_throughput"]
+    path = Path(__file__).with_name("merge_throughput.py")
+    spec = importlib.util.spec_from_file_location("merge_throughput", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses resolve their module while being created
+    spec.loader.exec_module(module)
+    return module
+
+
+merge_throughput = _load_merge_throughput()
+
+
 def synthetic_pair(rows: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A bf16 base and secondary, as `merge_throughput.build_family` makes them: N(0, 0.02)
-    weights, each fine-tune adding a heavy-tailed delta (product of two normals, scale 1e-3)."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def delta() -> torch.Tensor:
-        normal = torch.randn(rows, width, generator=gen)
-        return normal.mul_(torch.randn(rows, width, generator=gen)).mul_(1e-3)
-
-    base = (0.02 * torch.randn(rows, width, generator=gen) + delta()).to(torch.bfloat16)
-    secondary = (base.float() + delta()).to(torch.bfloat16)
+    """A bf16 base and secondary of one matrix, made as `merge_throughput.build_family` makes
+    every tensor of its family (N(0, 0.02) weights plus heavy-tailed fine-tuning deltas)."""
+    _, base, secondary = merge_throughput._synthetic_tensors("w", (rows, width), seed, 0)
     return base, secondary
 
 
@@ -71,8 +79,13 @@ def best_seconds(fn: Callable[[], object], repeats: int) -> float:
     return best
 
 
-def io_floor_seconds(base: torch.Tensor, secondary: torch.Tensor, workdir: Path) -> Callable[[], None]:
-    """A callable doing one tensor's I/O: read both inputs' bytes from disk, write one, fsync."""
+def io_floor(base: torch.Tensor, secondary: torch.Tensor, workdir: Path) -> Callable[[], None]:
+    """A callable doing one tensor's I/O: read both inputs' bytes from disk, write one, fsync.
+
+    The per-tensor part of `merge_throughput.io_floor`, without its per-model work (opening the
+    checkpoints, the output directory, index and rename), which a whole model spreads over
+    hundreds of tensors but which would dominate one tensor's figure.
+    """
     paths = [workdir / "base.safetensors", workdir / "secondary.safetensors"]
     for path, tensor in zip(paths, (base, secondary), strict=True):
         save_file({"w": tensor}, str(path))
@@ -87,11 +100,7 @@ def io_floor_seconds(base: torch.Tensor, secondary: torch.Tensor, workdir: Path)
             scratch.copy_(tensor.reshape(-1).view(torch.uint8))  # every byte, not a lazy mapping
             loaded.append(tensor)
         save_file({"w": loaded[0]}, str(out))
-        fd = os.open(out, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        merge_throughput._fsync(out)
 
     return run
 
@@ -140,7 +149,7 @@ def measure(rows: int, width: int, repeats: int, seed: int, progress: bool = Tru
     results: dict = {"rows": rows, "width": width, "elements": n, "threads": torch.get_num_threads(),
                      "stages_ns": {}, "primitives_ns": {}}
     with tempfile.TemporaryDirectory(prefix="scf-stages-") as tmp:
-        floor = io_floor_seconds(base, secondary, Path(tmp))
+        floor = io_floor(base, secondary, Path(tmp))
         results["floor_ns"] = best_seconds(floor, repeats) * 1e9 / n
     stages = stage_callables(base, secondary)
     for label, fn in tqdm(stages.items(), desc="stages", unit="stage", disable=not progress):
