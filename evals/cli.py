@@ -57,6 +57,11 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
         "--no-chat-template", action="store_true", help="don't apply the tokenizer's chat template"
     )
     parser.add_argument("--no-samples", action="store_true", help="leave per-sample generations out")
+    parser.add_argument(
+        "--spec",
+        type=Path,
+        help="a JSON file holding a whole EvalSpec (what the pipeline runs); replaces every flag above",
+    )
     parser.add_argument("--out", type=Path, help="write the JSON report here")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.set_defaults(func=run_eval)
@@ -93,6 +98,8 @@ def build_spec(args: argparse.Namespace):
     from evals.spec import EvalSpec
     from evals.suites import get_suite
 
+    if args.spec is not None:
+        return _spec_from_file(args.spec)
     suite = get_suite(args.suite)
     overrides = {
         "max_new_tokens": args.max_new_tokens,
@@ -121,6 +128,19 @@ def build_spec(args: argparse.Namespace):
         )
     except ValidationError as err:
         raise EvalError(_describe(err)) from err
+
+
+def _spec_from_file(path: Path):
+    """An EvalSpec from a JSON file (``EvalSpec.model_dump_json()``); EvalError names the file."""
+    from evals.spec import EvalSpec
+
+    try:
+        return EvalSpec.model_validate_json(path.read_text())
+    except OSError as err:
+        raise EvalError(f"--spec {path}: cannot read ({err.strerror})") from None
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise EvalError(f"--spec {path}: invalid EvalSpec: {problems}") from None
 
 
 def _describe(err: ValidationError) -> str:

@@ -31,11 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from evals.errors import EvalError
+    from flows import faults
     from scf.errors import ScfError
     from tasks.errors import PipelineError
 
     args = build_parser().parse_args(argv)
     try:
+        faults.inject(args.command)
         return int(args.func(args) or 0)
     except (ScfError, EvalError, PipelineError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,8 +1,15 @@
 """The ``merge_and_evaluate`` flow (one candidate) and the steps it shares with ``nightly``.
 
 One candidate: resolve sources -> evaluate the parents (cached across candidates and runs) -> merge
-(cached) -> evaluate (cached) -> log to MLflow -> write DuckDB -> gate -> promote. Every cached step
-is keyed by content, so a rerun after a crash picks up where the last one stopped.
+(cached) -> evaluate (cached) -> log to MLflow -> write DuckDB -> gate -> promote. Every merge and
+evaluation runs in a child process (``tasks.child``) with a timeout, under the machine's GPU lock;
+every cached step is keyed by content, so a rerun picks up where the last one stopped. A candidate
+whose merge or evaluation fails is recorded ``failed`` and rejected with the reason; a parent that
+cannot be evaluated fails the run (nothing can be gated without it).
+
+The same flow is what ``nightly`` runs on each worker in pool mode (``store=False``): it then merges
+and evaluates one candidate (or evaluates one ``parent``) and leaves the results in the shared result
+storage, writing neither DuckDB nor the gate.
 
 Run it with no server (Prefect starts a temporary local one) or against a server
 (``PREFECT_API_URL``): ``scf run --config configs/demo.yaml --candidate scf_rkl-alpha=1.5``.
@@ -17,13 +24,13 @@ from typing import Any
 
 from prefect import flow, get_run_logger, runtime
 from prefect.futures import PrefectFuture
-from prefect.states import State
+from prefect.states import Failed, State
 
 from evals.spec import EvalReport
 from scf.spec import MergeSpec
 from tasks import plots, results_db, steps, tracking
 from tasks.config import ZOO_PREFIX, Candidate, PipelineConfig, candidate_id, load_config, parent_id
-from tasks.errors import PipelineError
+from tasks.errors import NightFailed, PipelineError, StepFailed
 from tasks.gate import GateDecision
 
 
@@ -33,10 +40,10 @@ class RunContext:
 
     config: PipelineConfig
     sources: dict[str, results_db.Source]
-    exp_id: str
-    mlflow_run_id: str
+    exp_id: str | None
+    mlflow_run_id: str | None
     flow_run_id: str | None
-    storage: Any  # the saved Prefect result storage block of the workdir
+    storage: Any  # the Prefect result storage block (the cache; shared by a pool)
 
     @property
     def db_path(self) -> str:
@@ -45,6 +52,15 @@ class RunContext:
     @property
     def parent_ids(self) -> list[str]:
         return [parent_id(self.sources[role].fingerprint) for role in self.config.sources.parents()]
+
+    def step_settings(self, step: str) -> steps.StepSettings:
+        """Timeout, GPU lock and log directory of this run's merges or evaluations."""
+        section = self.config.merge if step == "merge" else self.config.eval
+        return steps.StepSettings(
+            timeout_s=section.timeout_s,
+            gpu_lock=self.config.execution.gpu_lock,
+            log_dir=str(self.config.workdir / "logs"),
+        )
 
 
 @dataclass
@@ -64,41 +80,67 @@ class CandidatePlan:
         return self.candidate.label
 
 
+@dataclass(frozen=True)
+class ParentPlan:
+    """One parent model to evaluate: its role, record and evaluation cache key."""
+
+    role: str
+    record: results_db.ModelRecord
+    eval_key: str
+
+    @property
+    def label(self) -> str:
+        return self.record.label
+
+
 @dataclass
 class ModelResult:
-    """An evaluated model (parent or candidate), what was cached, and where it was logged."""
+    """A model (parent or candidate) of this run: evaluated, or failed with a reason."""
 
     record: results_db.ModelRecord
-    report: EvalReport
+    report: EvalReport | None = None
     merge_report: dict | None = None
+    failure: StepFailed | None = None
     mlflow_run_id: str | None = None
     cached: dict[str, bool] = field(default_factory=dict)
 
+    @property
+    def failed(self) -> bool:
+        return self.failure is not None
 
-def start(config_path: str, run_kind: str, **overrides: Any) -> RunContext:
-    """Load the config, resolve the sources, open the MLflow experiment and this flow run's parent run.
+
+def start(
+    config_path: str,
+    run_kind: str,
+    *,
+    tracked: bool = True,
+    sources: dict[str, Any] | None = None,
+    **overrides: Any,
+) -> RunContext:
+    """Load the config, resolve the sources and (when ``tracked``) open this flow run's MLflow run.
 
     Args:
         config_path: the pipeline YAML.
         run_kind: ``nightly`` or ``merge-and-evaluate`` (the MLflow run name prefix).
+        tracked: open the MLflow experiment and run (pool runs leave tracking to the night).
+        sources: replaces the config's ``sources`` (a pool run gets the night's pinned revisions).
         **overrides: top-level config keys to replace.
 
     Returns:
         The run context.
     """
-    config = load_config(config_path, **overrides)
+    config = load_config(config_path, sources=sources, **overrides)
     refs = {**config.sources.parents()}
     if config.sources.reference is not None:
         refs["reference"] = config.sources.reference
-    sources = steps.resolve_sources(refs, config.zoo)
+    resolved = steps.resolve_sources(refs, config.zoo)
+    flow_run_id = runtime.flow_run.id
+    storage = steps.result_storage(config)
+    if not tracked:
+        return RunContext(config, resolved, None, None, flow_run_id, storage)
     uri = config.mlflow_uri
     exp_id = tracking.experiment_id(uri, config.name, config.workdir / "mlartifacts")
-    flow_run_id = runtime.flow_run.id
-    params = {
-        "config_path": str(config_path),
-        "config_name": config.name,
-        "prefect_flow_run": flow_run_id or "none",
-    }
+    params = {"config_path": str(config_path), "config_name": config.name, "prefect_flow_run": flow_run_id}
     mlflow_run_id = tracking.start_run(
         uri,
         exp_id,
@@ -106,10 +148,9 @@ def start(config_path: str, run_kind: str, **overrides: Any) -> RunContext:
         params=params,
         tags={"prefect_flow_run_id": str(flow_run_id)},
     )
-    resolved = steps.write_resolved_config(config, config.workdir / "artifacts" / "pipeline_config.yaml")
-    tracking.log_artifacts(uri, mlflow_run_id, [resolved])
-    storage = steps.result_storage(config.workdir)
-    return RunContext(config, sources, exp_id, mlflow_run_id, flow_run_id, storage)
+    resolved_file = steps.write_resolved_config(config, config.workdir / "artifacts" / "pipeline_config.yaml")
+    tracking.log_artifacts(uri, mlflow_run_id, [resolved_file])
+    return RunContext(config, resolved, exp_id, mlflow_run_id, flow_run_id, storage)
 
 
 def plan_candidate(ctx: RunContext, candidate: Candidate) -> CandidatePlan:
@@ -125,9 +166,9 @@ def plan_candidate(ctx: RunContext, candidate: Candidate) -> CandidatePlan:
         reference=reference.path if reference else None,
         method=candidate.method,
         params=candidate.params,
-        **config.merge.model_dump(),
+        **config.merge.engine_settings(),
     )
-    out = config.workdir / "candidates" / cid
+    out = config.models_dir / cid
     record = results_db.ModelRecord(
         id=cid,
         kind="merge",
@@ -140,6 +181,22 @@ def plan_candidate(ctx: RunContext, candidate: Candidate) -> CandidatePlan:
     return CandidatePlan(
         candidate, cid, spec, out, steps.merge_key(cid), steps.eval_key(cid, config.eval), record
     )
+
+
+def plan_parents(ctx: RunContext) -> list[ParentPlan]:
+    """The parents (base and secondaries) to evaluate, in config order."""
+    plans = []
+    for role in ctx.config.sources.parents():
+        source = ctx.sources[role]
+        record = results_db.ModelRecord(
+            id=parent_id(source.fingerprint),
+            kind="parent",
+            label=_parent_label(source),
+            sources=[source],
+            path=source.path,
+        )
+        plans.append(ParentPlan(role, record, steps.eval_key(source.fingerprint, ctx.config.eval)))
+    return plans
 
 
 def select(ctx: RunContext, wanted: str | None) -> list[CandidatePlan]:
@@ -156,71 +213,147 @@ def select(ctx: RunContext, wanted: str | None) -> list[CandidatePlan]:
     return chosen
 
 
-def evaluate_parents(ctx: RunContext) -> list[ModelResult]:
-    """Evaluate base and secondaries (``concurrency`` at once, cached across runs); log and store them."""
-    config = ctx.config
-    jobs = []
-    for role in config.sources.parents():
-        source = ctx.sources[role]
-        record = results_db.ModelRecord(
-            id=parent_id(source.fingerprint),
-            kind="parent",
-            label=_parent_label(source),
-            sources=[source],
-            path=source.path,
-        )
-        key = steps.eval_key(source.fingerprint, config.eval)
-        cached = steps.is_cached(ctx.storage, key)
-        if len(jobs) >= config.concurrency:  # at most `concurrency` evaluations in flight
-            jobs[-config.concurrency][1].wait()
-        evaluate = steps.bind(steps.evaluate_model, ctx.storage)
-        future = evaluate.submit(source.path, config.eval, record.label, key)
-        jobs.append((record, future, cached))
-    return [
-        record_result(ctx, ModelResult(record, future.result(), cached={"eval": cached}))
-        for record, future, cached in jobs
-    ]
-
-
 def _parent_label(source: results_db.Source) -> str:
     """``base=math``: the role and the model's short name (no colons: log consoles read ``:x:`` as emoji)."""
-    name = source.ref.removeprefix(ZOO_PREFIX).rstrip("/").split("/")[-1]
+    name = source.ref.removeprefix(ZOO_PREFIX).split("@")[0].rstrip("/").split("/")[-1]
     return f"{source.role}={name}"
 
 
-def merge(ctx: RunContext, plan: CandidatePlan) -> tuple[steps.MergeOutcome, bool, bool]:
-    """Merge one candidate, unless a finished result can be reused.
+# ------------------------------------------------------------------------------ running the steps
+
+
+def submit_parent_evaluation(ctx: RunContext, plan: ParentPlan) -> PrefectFuture:
+    """Start evaluating a parent (cached by its fingerprint and the eval spec)."""
+    task = steps.bind(steps.evaluate_model, ctx.storage)
+    settings = ctx.step_settings("evaluate")
+    return task.submit(plan.record.path, ctx.config.eval.spec(), plan.label, plan.eval_key, settings,
+                       plan.record.id)
+
+
+def evaluate_parents(ctx: RunContext) -> list[ModelResult]:
+    """Evaluate base and secondaries (``concurrency`` at once, cached across runs).
+
+    Raises:
+        NightFailed: a parent could not be evaluated (nothing can be gated without it).
+    """
+    jobs: list[tuple[ParentPlan, PrefectFuture, bool]] = []
+    for plan in plan_parents(ctx):
+        if len(jobs) >= ctx.config.concurrency:  # at most `concurrency` evaluations in flight
+            jobs[-ctx.config.concurrency][1].wait()
+        cached = steps.is_cached(ctx.storage, plan.eval_key)
+        jobs.append((plan, submit_parent_evaluation(ctx, plan), cached))
+    results = []
+    for plan, future, cached in jobs:
+        report, failure = outcome(future, "evaluate", plan.label)
+        if failure is not None:
+            raise parent_failed(plan, failure)
+        results.append(ModelResult(plan.record, report, cached={"eval": cached}))
+    return results
+
+
+def parent_failed(plan: ParentPlan, failure: StepFailed) -> NightFailed:
+    """The error that ends a run whose parent could not be evaluated."""
+    return NightFailed(f"parent {plan.label} could not be evaluated, so nothing can be gated: {failure}")
+
+
+def outcome(future_or_state: Any, step: str, label: str) -> tuple[Any, StepFailed | None]:
+    """A finished task's value, or why it failed (any failure: a raised error, a crash, a timeout).
+
+    Returns:
+        ``(value, None)`` or ``(None, failure)``.
+    """
+    state: State = future_or_state if isinstance(future_or_state, State) else _final(future_or_state)
+    if state.is_completed():
+        return state.result(), None
+    error = state.result(raise_on_failure=False)
+    if isinstance(error, StepFailed):
+        return None, error
+    if isinstance(error, BaseException):
+        first = (str(error).strip().splitlines() or [""])[0]
+        return None, StepFailed(step, label, f"{type(error).__name__}: {first}".rstrip(": "))
+    return None, StepFailed(step, label, f"ended {state.name}: {state.message or 'no message'}")
+
+
+def _final(future: PrefectFuture) -> State:
+    future.wait()
+    return future.state
+
+
+def merge(ctx: RunContext, plan: CandidatePlan) -> tuple[State, bool, bool]:
+    """Merge one candidate (in a child process), unless a finished result can be reused.
 
     A cached merge whose directory was deleted (it lost an earlier gate) is only reused when its
     evaluation is cached too; otherwise it is merged again (``refresh_cache``) so that evaluation
     never looks for a model that is gone.
 
     Returns:
-        (the outcome, whether the merge was skipped as cached, whether the evaluation is cached).
+        (the merge task's final state, whether it was skipped as cached, whether the evaluation is
+        cached).
     """
-    logger = get_run_logger()
     eval_cached = steps.is_cached(ctx.storage, plan.eval_key)
     refresh = not plan.out.exists() and not eval_cached
     task = steps.bind(steps.merge_candidate, ctx.storage).with_options(refresh_cache=refresh)
-    state: State = task(plan.spec, str(plan.out), plan.label, plan.merge_key, return_state=True)
-    outcome = state.result()
+    state: State = task(
+        plan.spec, str(plan.out), plan.label, plan.merge_key, ctx.step_settings("merge"), plan.id,
+        return_state=True,
+    )
     merge_cached = state.name == "Cached"
     if merge_cached:
-        logger.info("merge %s (%s): cached, not recomputed", plan.label, plan.id)
-    return outcome, merge_cached, eval_cached
+        get_run_logger().info("merge %s (%s): cached, not recomputed", plan.label, plan.id)
+    return state, merge_cached, eval_cached
 
 
 def submit_evaluation(ctx: RunContext, plan: CandidatePlan) -> PrefectFuture:
     """Start evaluating a merged candidate (cached by content)."""
     task = steps.bind(steps.evaluate_model, ctx.storage)
-    return task.submit(str(plan.out), ctx.config.eval, plan.label, plan.eval_key)
+    settings = ctx.step_settings("evaluate")
+    return task.submit(str(plan.out), ctx.config.eval.spec(), plan.label, plan.eval_key, settings, plan.id)
+
+
+def run_candidates_here(ctx: RunContext, plans: list[CandidatePlan]) -> list[ModelResult]:
+    """Merge one candidate at a time; evaluate finished merges concurrently (``concurrency``).
+
+    A candidate whose merge or evaluation fails comes back with its failure; the others go on.
+    """
+    running: list[tuple[CandidatePlan, dict, dict[str, bool], PrefectFuture]] = []
+    done: list[ModelResult] = []
+    for plan in plans:
+        state, merge_cached, eval_cached = merge(ctx, plan)
+        cached = {"merge": merge_cached, "eval": eval_cached}
+        merged, failure = outcome(state, "merge", plan.label)
+        if failure is not None:
+            done.append(ModelResult(plan.record, failure=failure, cached=cached))
+            continue
+        while len(running) >= ctx.config.concurrency:  # bound the evaluations in flight
+            done.append(_collect(running.pop(0)))
+        running.append((plan, merged.report, cached, submit_evaluation(ctx, plan)))
+    done.extend(_collect(job) for job in running)
+    order = {plan.id: i for i, plan in enumerate(plans)}
+    return sorted(done, key=lambda result: order[result.record.id])
+
+
+def _collect(job: tuple[CandidatePlan, dict, dict[str, bool], PrefectFuture]) -> ModelResult:
+    plan, merge_report, cached, future = job
+    report, failure = outcome(future, "evaluate", plan.label)
+    return ModelResult(plan.record, report, merge_report, failure=failure, cached=cached)
+
+
+# ------------------------------------------------------------------------------ recording, gating
 
 
 def record_result(ctx: RunContext, result: ModelResult) -> ModelResult:
-    """Log an evaluated model to MLflow (nested run) and store its rows in DuckDB."""
+    """Log a model to MLflow (a nested run) and store it in DuckDB: its scores, or its failure."""
     config = ctx.config
     record = result.record
-    artifact_dir = str(config.workdir / "artifacts" / record.id)
+    run_id = str(ctx.flow_run_id)
+    if result.failed:
+        get_run_logger().warning("%s failed: %s", record.label, result.failure)
+        result.mlflow_run_id = steps.log_failure(
+            config.mlflow_uri, ctx.exp_id, ctx.mlflow_run_id, record.label, record, str(result.failure),
+            result.failure.tail, str(config.workdir / "artifacts" / record.id),
+        )
+        steps.store_failure(ctx.db_path, config.name, record.label, record, str(result.failure), run_id)
+        return result
     result.mlflow_run_id = steps.log_model(
         config.mlflow_uri,
         ctx.exp_id,
@@ -229,16 +362,10 @@ def record_result(ctx: RunContext, result: ModelResult) -> ModelResult:
         record,
         result.report,
         result.merge_report,
-        artifact_dir,
+        str(config.workdir / "artifacts" / record.id),
     )
     steps.store_results(
-        ctx.db_path,
-        config.name,
-        record.label,
-        record,
-        result.report,
-        result.merge_report,
-        str(ctx.flow_run_id),
+        ctx.db_path, config.name, record.label, record, result.report, result.merge_report, run_id
     )
     if result.cached.get("eval"):
         get_run_logger().info("evaluate %s: cached, not recomputed", record.label)
@@ -248,13 +375,23 @@ def record_result(ctx: RunContext, result: ModelResult) -> ModelResult:
 def decide(ctx: RunContext, results: list[ModelResult]) -> list[GateDecision]:
     """Gate this run's candidates, promote the winner, store the decisions, delete the losers' weights.
 
+    A failed candidate is rejected with ``failed: <step> of <label>: <reason>``; the others are judged
+    by the gate as usual.
+
     Returns:
-        One decision per candidate.
+        One decision per candidate, in the order of ``results``.
     """
     config = ctx.config
     logger = get_run_logger()
     by_id = {result.record.id: result for result in results}
-    decisions = steps.gate(ctx.db_path, config.name, list(by_id), ctx.parent_ids, config.gate)
+    judged = [result.record.id for result in results if not result.failed]
+    verdicts = steps.gate(ctx.db_path, config.name, judged, ctx.parent_ids, config.gate) if judged else []
+    failed = [
+        GateDecision(candidate_id=r.record.id, decision="rejected", reasons=[f"failed: {r.failure}"])
+        for r in results
+        if r.failed
+    ]
+    decisions = sorted([*verdicts, *failed], key=lambda d: list(by_id).index(d.candidate_id))
     promoted = next((d for d in decisions if d.decision == "promoted"), None)
     champion_path = None
     if promoted is not None:
@@ -291,10 +428,10 @@ def _delete_losers(ctx: RunContext, results: list[ModelResult]) -> None:
 
 
 def finish(ctx: RunContext, results: list[ModelResult], decisions: list[GateDecision]) -> dict[str, Any]:
-    """Plot the sweep, close the MLflow run and summarise the run for the CLI and the UI.
+    """Plot the sweep, close the MLflow run, publish the verdict as a Prefect artifact, summarise.
 
     Returns:
-        A JSON-able summary: stores, champion and one entry per candidate.
+        A JSON-able summary: stores, champion and one entry per candidate (failures included).
     """
     config = ctx.config
     entries = results_db.leaderboard(Path(ctx.db_path), config.name, str(ctx.flow_run_id))
@@ -310,7 +447,7 @@ def finish(ctx: RunContext, results: list[ModelResult], decisions: list[GateDeci
     tracking.finish_run(config.mlflow_uri, ctx.mlflow_run_id)
     verdicts = {d.candidate_id: d for d in decisions}
     champion = results_db.champion(Path(ctx.db_path), config.name)
-    return {
+    summary = {
         "config": config.name,
         "workdir": str(config.workdir),
         "duckdb": ctx.db_path,
@@ -323,6 +460,8 @@ def finish(ctx: RunContext, results: list[ModelResult], decisions: list[GateDeci
             {
                 "id": r.record.id,
                 "label": r.record.label,
+                "status": "failed" if r.failed else "ok",
+                "failure": str(r.failure) if r.failed else None,
                 "decision": verdicts[r.record.id].decision,
                 "reasons": verdicts[r.record.id].reasons,
                 "merge_cached": r.cached.get("merge", False),
@@ -332,11 +471,32 @@ def finish(ctx: RunContext, results: list[ModelResult], decisions: list[GateDeci
             if r.record.id in verdicts
         ],
     }
+    steps.publish_verdict(summary)
+    return summary
+
+
+def judge(ctx: RunContext, parents: list[ModelResult], candidates: list[ModelResult]) -> dict[str, Any]:
+    """Record every model, gate the candidates, promote, and summarise the run.
+
+    Raises:
+        NightFailed: every candidate failed, so none could be judged (after everything is recorded).
+    """
+    recorded = [record_result(ctx, result) for result in [*parents, *candidates]]
+    candidates = recorded[len(parents) :]
+    decisions = decide(ctx, candidates)
+    summary = finish(ctx, recorded, decisions)
+    if candidates and all(result.failed for result in candidates):
+        listing = "; ".join(str(result.failure) for result in candidates)
+        raise NightFailed(f"no candidate could be judged: all {len(candidates)} failed ({listing})")
+    return summary
+
+
+# ------------------------------------------------------------------------------------------ flow
 
 
 def _run_name() -> str:
     parameters = runtime.flow_run.parameters
-    candidate = parameters.get("candidate")
+    candidate = parameters.get("candidate") or parameters.get("parent")
     return f"merge-and-evaluate-{Path(parameters['config_path']).stem}" + (
         f"-{candidate}" if candidate else ""
     )
@@ -344,8 +504,13 @@ def _run_name() -> str:
 
 @flow(name="merge-and-evaluate", flow_run_name=_run_name)
 def merge_and_evaluate(
-    config_path: str, candidate: str | None = None, keep_candidates: bool | None = None
-) -> dict[str, Any]:
+    config_path: str,
+    candidate: str | None = None,
+    keep_candidates: bool | None = None,
+    store: bool = True,
+    parent: str | None = None,
+    sources: dict[str, Any] | None = None,
+) -> Any:
     """Merge and evaluate one candidate of a pipeline config, then gate it against the champion.
 
     Args:
@@ -353,26 +518,50 @@ def merge_and_evaluate(
         candidate: the candidate's label (``scf_rkl-alpha=1.5``) or id (prefix); may be left out when
             the config defines exactly one candidate.
         keep_candidates: override the config's ``keep_candidates``.
+        store: log, store and gate (the default). ``False`` (what ``nightly`` asks of pool workers):
+            only merge and evaluate, leaving the results in the shared result storage.
+        parent: with ``store=False``, evaluate this parent (``base``, ``secondary_0``, ...) instead of
+            a candidate.
+        sources: replaces the config's ``sources`` (``nightly`` passes the revisions it pinned).
 
     Returns:
-        The run summary (see ``finish``).
+        The run summary (see ``finish``); with ``store=False``, the model's id and cache keys, or a
+        Failed state whose message says which step failed and how.
     """
+    if not store:
+        return _merge_and_evaluate_for_pool(config_path, candidate, parent, sources)
     started = time.perf_counter()
-    ctx = start(config_path, "merge-and-evaluate", keep_candidates=keep_candidates)
+    ctx = start(config_path, "merge-and-evaluate", sources=sources, keep_candidates=keep_candidates)
     try:
         [plan] = _one(select(ctx, candidate), candidate)
         parents = evaluate_parents(ctx)
-        outcome, merge_cached, eval_cached = merge(ctx, plan)
-        report = submit_evaluation(ctx, plan).result()
-        cached = {"merge": merge_cached, "eval": eval_cached}
-        result = record_result(ctx, ModelResult(plan.record, report, outcome.report, cached=cached))
-        decisions = decide(ctx, [result])
-        summary = finish(ctx, [*parents, result], decisions)
+        [result] = run_candidates_here(ctx, [plan])
+        summary = judge(ctx, parents, [result])
     except BaseException:
         tracking.finish_run(ctx.config.mlflow_uri, ctx.mlflow_run_id, failed=True)
         raise
     get_run_logger().info("merge-and-evaluate %s finished in %s", plan.label, steps.elapsed(started))
     return summary
+
+
+def _merge_and_evaluate_for_pool(
+    config_path: str, candidate: str | None, parent: str | None, sources: dict[str, Any] | None
+) -> dict[str, str] | State:
+    """A pool worker's part of a night: one model merged and evaluated, results left in storage."""
+    ctx = start(config_path, "pool", tracked=False, sources=sources)
+    if parent is not None:
+        plans = {plan.role: plan for plan in plan_parents(ctx)}
+        if parent not in plans:
+            raise PipelineError(f"parent {parent!r} is not one of {', '.join(plans)}")
+        _, failure = outcome(submit_parent_evaluation(ctx, plans[parent]), "evaluate", plans[parent].label)
+        if failure is not None:
+            return Failed(message=str(failure))
+        return {"model": plans[parent].record.id, "eval_key": plans[parent].eval_key}
+    [plan] = _one(select(ctx, candidate), candidate)
+    [result] = run_candidates_here(ctx, [plan])
+    if result.failed:
+        return Failed(message=str(result.failure))
+    return {"model": plan.id, "merge_key": plan.merge_key, "eval_key": plan.eval_key}
 
 
 def _one(plans: list[CandidatePlan], wanted: str | None) -> list[CandidatePlan]:

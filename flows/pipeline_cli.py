@@ -7,12 +7,13 @@ points at a server, in which case the runs appear in its UI.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
 from tasks import results_db, tracking
 from tasks.config import load_config
-from tasks.errors import PipelineError
+from tasks.errors import NightFailed, PipelineError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,6 +37,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="keep merged models that lost the gate (default: the config's keep_candidates)",
     )
     nightly.add_argument("--concurrency", type=int, help="evaluations at once (default: the config's)")
+    nightly.add_argument(
+        "--mode",
+        choices=("local", "pool"),
+        help="run candidates on this machine or on the config's work pool (default: execution.mode)",
+    )
     nightly.set_defaults(func=_nightly)
 
     run = subparsers.add_parser(
@@ -63,22 +69,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _nightly(args: argparse.Namespace) -> int:
     from flows.nightly import nightly
 
-    load_config(args.config)  # fail fast on a bad config, before Prefect starts
-    summary = nightly(
-        config_path=str(args.config), keep_candidates=args.keep_candidates, concurrency=args.concurrency
+    config = load_config(args.config)  # fail fast on a bad config, before Prefect starts
+    return _run_flow(
+        config,
+        args.config,
+        lambda: nightly(
+            config_path=str(args.config),
+            keep_candidates=args.keep_candidates,
+            concurrency=args.concurrency,
+            mode=args.mode,
+        ),
     )
-    print(report(summary, args.config))
-    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
     from flows.merge_eval import merge_and_evaluate
 
-    load_config(args.config)
-    summary = merge_and_evaluate(
-        config_path=str(args.config), candidate=args.candidate, keep_candidates=args.keep_candidates
+    config = load_config(args.config)
+    return _run_flow(
+        config,
+        args.config,
+        lambda: merge_and_evaluate(
+            config_path=str(args.config), candidate=args.candidate, keep_candidates=args.keep_candidates
+        ),
     )
-    print(report(summary, args.config))
+
+
+def _run_flow(config, config_path: Path, run) -> int:
+    """Run a flow and print its report. Exit 0 when the run reached a verdict (even with failed
+    candidates, which are listed); 1 when a parent failed or no candidate could be judged."""
+    try:
+        summary = run()
+    except NightFailed as err:
+        if config.duckdb_path.exists():
+            print(leaderboard_text(config.duckdb_path, config.name))
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(report(summary, config_path))
     return 0
 
 
@@ -138,6 +165,11 @@ def report(summary: dict[str, Any], config_path: Path) -> str:
     for cand in summary["candidates"]:
         lines.append(f"  {cand['decision']:>8}  {cand['label']} ({cand['id']})")
         lines += [f"              - {reason}" for reason in cand["reasons"]]
+    failed = [cand for cand in summary["candidates"] if cand["status"] == "failed"]
+    if failed:
+        total = len(summary["candidates"])
+        lines.append(f"Failed: {len(failed)} of {total} candidates (the others were judged):")
+        lines += [f"  {cand['label']} ({cand['id']}): {cand['failure']}" for cand in failed]
     merges = sum(c["merge_cached"] for c in summary["candidates"])
     evals = sum(c["eval_cached"] for c in summary["candidates"])
     total = len(summary["candidates"])

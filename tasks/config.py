@@ -92,13 +92,75 @@ class CandidateGrid(BaseModel):
 
 
 class MergeSettings(BaseModel):
-    """Engine settings shared by every candidate (see ``scf.spec.MergeSpec``)."""
+    """Engine settings shared by every candidate (see ``scf.spec.MergeSpec``).
+
+    Attributes:
+        timeout_s: a merge still running after this many seconds is killed and its candidate
+            recorded ``failed`` (default 6 h: a 70B merge on a slow disk takes about one).
+    """
 
     model_config = ConfigDict(extra="forbid")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     seed: int = 0
     shard_size: str = "5GB"
+    timeout_s: float = Field(6 * 3600, gt=0)
+
+    def engine_settings(self) -> dict[str, Any]:
+        """The fields a ``MergeSpec`` takes (everything but the pipeline's timeout)."""
+        return self.model_dump(exclude={"timeout_s"})
+
+
+class EvalSettings(EvalSpec):
+    """The ``eval:`` section: an ``evals.spec.EvalSpec`` plus how the pipeline runs it.
+
+    Attributes:
+        timeout_s: an evaluation still running after this many seconds is killed and its model
+            recorded ``failed`` (default 12 h: the paper suite on a 32B model with vLLM takes hours).
+    """
+
+    timeout_s: float = Field(12 * 3600, gt=0)
+
+    def spec(self) -> EvalSpec:
+        """The evaluation itself (what the cache key hashes): everything but the pipeline settings."""
+        return EvalSpec.model_validate(self.model_dump(exclude={"timeout_s"}))
+
+
+class ExecutionSettings(BaseModel):
+    """The ``execution:`` section: where candidates run.
+
+    Attributes:
+        mode: ``local``: every candidate on this machine, each merge and evaluation in a child
+            process; ``pool``: each candidate (and each parent evaluation) is a run of the
+            ``merge-and-evaluate`` deployment on whichever worker of ``work_pool`` is free.
+        work_pool: the Prefect work pool (required for ``pool``).
+        work_queue: a queue of that pool (default: the deployment's).
+        max_parallel: pool mode: runs at once.
+        deployment: pool mode: the deployment each candidate runs as.
+        retries: pool mode: a run that crashed or whose worker died is submitted again this many times
+            before its candidate is recorded ``failed``.
+        heartbeat_timeout_s: pool mode: a running flow run that sent no heartbeat for this long is
+            taken as lost (its worker died) and marked crashed. Workers send one every
+            ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` seconds (Prefect's default 180; set 30 on workers
+            and about 90 here to notice a lost worker within two minutes).
+        gpu_lock: ``auto`` (GPU steps take the machine's GPU lock), ``on`` (every step does), ``off``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["local", "pool"] = "local"
+    work_pool: str | None = None
+    work_queue: str | None = None
+    max_parallel: int = Field(2, ge=1)
+    deployment: str = "merge-and-evaluate/merge-and-evaluate"
+    retries: int = Field(1, ge=0, le=10)
+    heartbeat_timeout_s: float = Field(600, ge=10)
+    gpu_lock: Literal["auto", "on", "off"] = "auto"
+
+    @model_validator(mode="after")
+    def _pool_needs_a_pool(self) -> ExecutionSettings:
+        if self.mode == "pool" and not self.work_pool:
+            raise ValueError("execution.work_pool: mode 'pool' needs the name of a Prefect work pool")
+        return self
 
 
 class Storage(BaseModel):
@@ -108,12 +170,19 @@ class Storage(BaseModel):
         workdir: merged models, Prefect results, plots; default ``.scf/<name>``.
         mlflow_uri: MLflow tracking URI; default ``$MLFLOW_TRACKING_URI`` or a sqlite file in workdir.
         duckdb: the results database; default ``<workdir>/results.duckdb``.
+        models_dir: where merged candidates are written; default ``<workdir>/candidates``. In pool
+            mode every worker must reach it (an NFS or object-store mount).
+        result_storage: where finished merges and evaluations are persisted (the cache, and how pool
+            runs hand their results back): a Prefect block slug such as ``s3-bucket/scf-results``
+            or ``remote-file-system/scf``; default a local directory ``<workdir>/prefect-results``.
     """
 
     model_config = ConfigDict(extra="forbid")
     workdir: Path | None = None
     mlflow_uri: str | None = None
     duckdb: Path | None = None
+    models_dir: Path | None = None
+    result_storage: str | None = None
 
 
 class Candidate(BaseModel):
@@ -139,11 +208,12 @@ class PipelineConfig(BaseModel):
     sources: Sources
     candidates: list[CandidateGrid] = Field(min_length=1)
     merge: MergeSettings = MergeSettings()
-    eval: EvalSpec = EvalSpec()
+    eval: EvalSettings = EvalSettings()
     gate: GatePolicy
     storage: Storage = Storage()
+    execution: ExecutionSettings = ExecutionSettings()
     keep_candidates: bool = False
-    concurrency: int = Field(2, ge=1, description="candidate evaluations run at once")
+    concurrency: int = Field(2, ge=1, description="local mode: candidate evaluations run at once")
 
     @model_validator(mode="after")
     def _validate_candidates(self) -> PipelineConfig:
@@ -188,6 +258,11 @@ class PipelineConfig(BaseModel):
     def workdir(self) -> Path:
         """Absolute working directory: merged models, caches, plots, default stores."""
         return (self.storage.workdir or Path(".scf") / self.name).resolve()
+
+    @property
+    def models_dir(self) -> Path:
+        """Absolute directory of the merged candidates (``<models_dir>/<candidate id>``)."""
+        return (self.storage.models_dir or self.workdir / "candidates").resolve()
 
     @property
     def duckdb_path(self) -> Path:

@@ -36,6 +36,7 @@ from tasks.gate import GateDecision, GatePolicy
 
 T = TypeVar("T")
 
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS candidates (
     config_name VARCHAR NOT NULL,
@@ -47,6 +48,9 @@ CREATE TABLE IF NOT EXISTS candidates (
     sources_json VARCHAR NOT NULL,    -- [{role, ref, revision, fingerprint}]
     path VARCHAR,                     -- model directory (may since have been deleted)
     created TIMESTAMP NOT NULL,
+    status VARCHAR NOT NULL DEFAULT 'ok',  -- 'ok' (evaluated) or 'failed' (merge or evaluation failed)
+    failure VARCHAR,                  -- failed: '<step> of <label>: <reason>'
+    run_id VARCHAR,                   -- the flow run that last wrote the row
     PRIMARY KEY (config_name, id)
 );
 CREATE TABLE IF NOT EXISTS scores (
@@ -99,6 +103,15 @@ CREATE TABLE IF NOT EXISTS champions (
     run_id VARCHAR
 );
 """
+# How a file written by schema version N-1 becomes version N, in place (one transaction with the
+# version bump). Version 1 is the schema before versioning (no schema_info table).
+MIGRATIONS: dict[int, list[str]] = {
+    2: [
+        "ALTER TABLE candidates ADD COLUMN status VARCHAR DEFAULT 'ok'",
+        "ALTER TABLE candidates ADD COLUMN failure VARCHAR",
+        "ALTER TABLE candidates ADD COLUMN run_id VARCHAR",
+    ],
+}
 
 # Errors DuckDB raises when another process holds the file or a write conflicts: worth a retry.
 _TRANSIENT = (duckdb.IOException, duckdb.TransactionException)
@@ -186,10 +199,53 @@ def connect(db_path: Path, *, read_only: bool = False) -> Iterator[duckdb.DuckDB
             raise PipelineError(f"cannot open results database {db_path}: {err}") from err
         try:
             if not read_only:
-                con.execute(SCHEMA)
+                ensure_schema(con, db_path)
+            elif schema_version(con) != SCHEMA_VERSION:
+                con.close()
+                con = duckdb.connect(str(db_path))  # upgrade first: queries use the current schema
+                ensure_schema(con, db_path)
             yield con
         finally:
             con.close()
+
+
+def schema_version(con: duckdb.DuckDBPyConnection) -> int:
+    """The schema version of an open database: 0 when empty, 1 before versioning, else as stored."""
+    tables = {name for (name,) in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    if "schema_info" in tables:
+        return int(con.execute("SELECT max(version) FROM schema_info").fetchone()[0])
+    return 1 if "candidates" in tables else 0
+
+
+def ensure_schema(con: duckdb.DuckDBPyConnection, db_path: Path) -> None:
+    """Create the schema in an empty file, or upgrade an older one in place, in one transaction.
+
+    Raises:
+        PipelineError: the file was written by a newer scf-pipeline (unknown schema version).
+    """
+    version = schema_version(con)
+    if version == SCHEMA_VERSION:
+        return
+    if version > SCHEMA_VERSION:
+        raise PipelineError(
+            f"results database {db_path} has schema version {version}, newer than this scf-pipeline's "
+            f"{SCHEMA_VERSION}: upgrade scf-pipeline to read it"
+        )
+    con.execute("BEGIN TRANSACTION")
+    try:
+        if version == 0:
+            con.execute(SCHEMA)
+        else:
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[step]:
+                    con.execute(statement)
+        con.execute("CREATE TABLE IF NOT EXISTS schema_info (version INTEGER NOT NULL)")
+        con.execute("DELETE FROM schema_info")
+        con.execute("INSERT INTO schema_info VALUES (?)", [SCHEMA_VERSION])
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
 
 
 def with_retry(
@@ -290,29 +346,72 @@ def write_model_results(
     """
 
     def work(con: duckdb.DuckDBPyConnection) -> int:
-        key = [config_name, model.id]
-        con.execute("DELETE FROM scores WHERE config_name = ? AND model_id = ?", key)
-        con.execute("DELETE FROM generation_stats WHERE config_name = ? AND model_id = ?", key)
-        con.execute("DELETE FROM candidates WHERE config_name = ? AND id = ?", key)
-        con.execute(
-            "INSERT INTO candidates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                *key, model.kind, model.label, model.method, json.dumps(model.params, sort_keys=True),
-                json.dumps([s.model_dump() for s in model.sources]), model.path, _now(),
-            ],
-        )
-        if scores:
-            con.executemany(
-                "INSERT INTO scores VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [[*key, *row.model_dump().values(), run_id] for row in scores],
-            )
-        con.execute(
-            "INSERT INTO generation_stats VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [*key, *stats.model_dump().values(), run_id],
-        )
+        key = {"config_name": config_name}
+        _replace_candidate(con, config_name, model, run_id, status="ok", failure=None)
+        for row in scores:
+            insert(con, "scores", {**key, "model_id": model.id, **row.model_dump(), "run_id": run_id})
+        stats_row = {**key, "model_id": model.id, **stats.model_dump(), "run_id": run_id}
+        insert(con, "generation_stats", stats_row)
         return len(scores)
 
     return with_retry(db_path, work)
+
+
+def write_failure(
+    db_path: Path, config_name: str, model: ModelRecord, failure: str, run_id: str | None = None
+) -> None:
+    """Store a model whose merge or evaluation failed: its candidates row with ``status='failed'``
+    and the one-line reason, and no scores (earlier rows of the same id are removed).
+
+    Args:
+        db_path: the DuckDB file.
+        config_name: the pipeline config's name.
+        model: the model's identity and provenance.
+        failure: ``<step> of <label>: <reason>``.
+        run_id: the flow run.
+    """
+    with_retry(
+        db_path,
+        lambda con: _replace_candidate(con, config_name, model, run_id, status="failed", failure=failure),
+    )
+
+
+def _replace_candidate(
+    con: duckdb.DuckDBPyConnection,
+    config_name: str,
+    model: ModelRecord,
+    run_id: str | None,
+    *,
+    status: str,
+    failure: str | None,
+) -> None:
+    """Delete a model's rows (candidates, scores, stats) and insert its candidates row again."""
+    key = [config_name, model.id]
+    con.execute("DELETE FROM scores WHERE config_name = ? AND model_id = ?", key)
+    con.execute("DELETE FROM generation_stats WHERE config_name = ? AND model_id = ?", key)
+    con.execute("DELETE FROM candidates WHERE config_name = ? AND id = ?", key)
+    row = {
+        "config_name": config_name,
+        "id": model.id,
+        "kind": model.kind,
+        "label": model.label,
+        "method": model.method,
+        "params_json": json.dumps(model.params, sort_keys=True),
+        "sources_json": json.dumps([source.model_dump() for source in model.sources]),
+        "path": model.path,
+        "created": _now(),
+        "status": status,
+        "failure": failure,
+        "run_id": run_id,
+    }
+    insert(con, "candidates", row)
+
+
+def insert(con: duckdb.DuckDBPyConnection, table: str, row: dict[str, Any]) -> None:
+    """Insert one row by column name (a reordered model field can never land in the wrong column)."""
+    columns = ", ".join(row)
+    marks = ", ".join("?" for _ in row)
+    con.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks})", list(row.values()))
 
 
 def write_decisions(
@@ -337,16 +436,27 @@ def write_decisions(
         for verdict in decisions:
             key = [config_name, verdict.candidate_id]
             con.execute("DELETE FROM gate_decisions WHERE config_name = ? AND candidate_id = ?", key)
-            con.execute(
-                "INSERT INTO gate_decisions VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [*key, verdict.decision, json.dumps(verdict.reasons), verdict.objective, now, run_id],
-            )
+            decision = {
+                "config_name": config_name,
+                "candidate_id": verdict.candidate_id,
+                "decision": verdict.decision,
+                "reasons_json": json.dumps(verdict.reasons),
+                "objective": verdict.objective,
+                "decided_at": now,
+                "run_id": run_id,
+            }
+            insert(con, "gate_decisions", decision)
             if verdict.decision == "promoted":
                 con.execute("DELETE FROM champions WHERE config_name = ?", [config_name])
-                con.execute(
-                    "INSERT INTO champions VALUES (?, ?, ?, ?, ?, ?)",
-                    [config_name, verdict.candidate_id, verdict.objective, champion_path, now, run_id],
-                )
+                champion_row = {
+                    "config_name": config_name,
+                    "candidate_id": verdict.candidate_id,
+                    "objective": verdict.objective,
+                    "path": champion_path,
+                    "promoted_at": now,
+                    "run_id": run_id,
+                }
+                insert(con, "champions", champion_row)
 
     with_retry(db_path, work)
 
@@ -534,8 +644,7 @@ def row_counts(db_path: Path) -> dict[str, int]:
 LEADERBOARD_QUERY = """
 WITH shown AS (  -- every model of the config, or only those a given flow run wrote
     SELECT c.* FROM candidates c
-    JOIN generation_stats g ON g.config_name = c.config_name AND g.model_id = c.id
-    WHERE c.config_name = $config AND ($run_id IS NULL OR g.run_id = $run_id)
+    WHERE c.config_name = $config AND ($run_id IS NULL OR c.run_id = $run_id)
 ),
 parent_mean AS (
     SELECT s.benchmark, s.metric, avg(s.value) AS mean
@@ -544,7 +653,8 @@ parent_mean AS (
     GROUP BY ALL
 )
 SELECT c.id, c.kind, c.label, s.benchmark || '.' || s.metric AS key, s.value, s.value - pm.mean AS delta,
-       g.repetition_rate, g.refusal_rate, g.over_refusal_rate, d.decision, d.reasons_json
+       g.repetition_rate, g.refusal_rate, g.over_refusal_rate, d.decision, d.reasons_json, c.status,
+       c.failure
 FROM shown c
 LEFT JOIN scores s ON s.config_name = c.config_name AND s.model_id = c.id
 LEFT JOIN parent_mean pm ON pm.benchmark = s.benchmark AND pm.metric = s.metric
@@ -566,19 +676,20 @@ def leaderboard(db_path: Path, config_name: str, run_id: str | None = None) -> l
     Returns:
         One dict per model (parents first): ``id``, ``kind``, ``label``, ``scores`` (key -> value),
         ``deltas`` (key -> value minus the parents' mean, paper Figure 8), ``repetition_rate``,
-        ``refusal_rate``, ``over_refusal_rate``, ``decision``, ``reasons``.
+        ``refusal_rate``, ``over_refusal_rate``, ``decision``, ``reasons``, ``status`` (``ok`` or
+        ``failed``) and ``failure`` (the one-line reason of a failed model).
     """
     params = {"config": config_name, "run_id": run_id}
     query = lambda con: con.execute(LEADERBOARD_QUERY, params).fetchall()  # noqa: E731
     rows = with_retry(db_path, query, read_only=True)
     models: dict[str, dict] = {}
-    for mid, kind, label, key, value, delta, rep, refusal, over, decision, reasons in rows:
+    for mid, kind, label, key, value, delta, rep, refusal, over, decision, reasons, status, failure in rows:
         entry = models.setdefault(
             mid,
             {
                 "id": mid, "kind": kind, "label": label, "scores": {}, "deltas": {}, "repetition_rate": rep,
                 "refusal_rate": refusal, "over_refusal_rate": over, "decision": decision,
-                "reasons": json.loads(reasons) if reasons else [],
+                "reasons": json.loads(reasons) if reasons else [], "status": status, "failure": failure,
             },
         )
         if key is not None:
@@ -622,7 +733,8 @@ def format_leaderboard(entries: list[dict], champion_id: str | None = None) -> s
             else:
                 cells.append(f"{value:.3f}")
         cells += [_fmt(entry[key]) for key in ("repetition_rate", "refusal_rate", "over_refusal_rate")]
-        cells.append(entry["decision"] or ("parent" if entry["kind"] == "parent" else "-"))
+        decision = entry["decision"] or ("parent" if entry["kind"] == "parent" else "-")
+        cells.append("FAILED" if entry["status"] == "failed" else decision)
         lines.append(cells)
     widths = [max(len(str(row[i])) for row in lines) for i in range(len(header))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) for row in lines)

@@ -17,18 +17,17 @@ flow runs sharing a GPU box take turns: create it once with ``prefect gcl create
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import json
+import os
+import secrets
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
-from prefect import task
-from prefect.concurrency.sync import concurrency
+from prefect import get_run_logger, task
 from prefect.filesystems import LocalFileSystem
 from prefect.results import ResultStore
 from pydantic import BaseModel
@@ -38,11 +37,16 @@ from evals.spec import EvalReport, EvalSpec
 from scf.errors import ScfError
 from scf.spec import MergeSpec
 from tasks import results_db, tracking
-from tasks.config import ZOO_PREFIX, ZooSettings, content_hash
-from tasks.errors import PipelineError
+from tasks.child import ChildStep, run_child, scf_cache_dir, scf_command
+from tasks.config import ZOO_PREFIX, EvalSettings, ZooSettings, content_hash
+from tasks.errors import PipelineError, StepFailed
 from tasks.gate import GateDecision, GatePolicy, pick_winner
+from tasks.gpu import gpu_slot
+
+REPORT_NAME = "merge_report.json"  # scf.merge.REPORT_NAME, without importing the engine (torch)
 
 BAD_INPUT = (ScfError, EvalError, PipelineError)
+NOT_RETRIED = (*BAD_INPUT, StepFailed)  # a failed step reran the same way would fail the same way
 IO_RETRY_DELAYS = [2, 10, 30]
 
 
@@ -54,10 +58,10 @@ class MergeOutcome(BaseModel):
 
 
 def retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect ``retry_condition_fn``: retry IO failures, never bad input."""
+    """Prefect ``retry_condition_fn``: retry IO failures, never bad input or a failed child step."""
     try:
         state.result()
-    except BAD_INPUT:
+    except NOT_RETRIED:
         return False
     except Exception:
         return True
@@ -90,48 +94,57 @@ def merge_key(candidate_id: str) -> str:
 
 
 def eval_key(model_identity: str, spec: EvalSpec) -> str:
-    """Cache key of an evaluation: the model's content identity and the full eval spec."""
-    spec_json = spec.model_dump(mode="json")
+    """Cache key of an evaluation: the model's content identity and the full eval spec (without the
+    pipeline's own settings such as ``eval.timeout_s``, which change no result)."""
+    spec_json = (spec.spec() if isinstance(spec, EvalSettings) else spec).model_dump(mode="json")
     return content_hash(
         {"step": "evaluate", "model": model_identity, "eval": spec_json, "versions": versions()}
     )
 
 
-def result_storage(workdir: Path) -> LocalFileSystem:
-    """Where cached task results are persisted for a workdir: ``<workdir>/prefect-results``.
+def result_storage(config: Any) -> Any:
+    """Where cached task results are persisted: the config's ``storage.result_storage`` block, else
+    ``<workdir>/prefect-results``.
 
-    Prefect needs the storage block saved server-side (so a later run, or another worker, can read
-    the results); it is saved under a name derived from the workdir.
+    A local directory is saved as a block server-side (so a later run, or another worker on the same
+    filesystem, can read the results), under a name derived from the directory. A named block (an
+    S3 bucket, a remote file system) is loaded as it is: in pool mode every worker and the night must
+    reach the same storage, since that is how a worker's results come back.
+
+    Args:
+        config: the pipeline config.
+
+    Returns:
+        The storage block.
     """
-    block = LocalFileSystem(basepath=str(Path(workdir) / "prefect-results"))
-    block.save(f"scf-results-{content_hash(str(Path(workdir).resolve()))[:16]}", overwrite=True)
+    if config.storage.result_storage:
+        from prefect.blocks.core import Block
+
+        try:
+            return Block.load(config.storage.result_storage)
+        except ValueError as err:
+            slug = config.storage.result_storage
+            raise PipelineError(f"storage.result_storage: cannot load block {slug!r}: {err}") from None
+    directory = Path(config.workdir) / "prefect-results"
+    block = LocalFileSystem(basepath=str(directory))
+    block.save(f"scf-results-{content_hash(str(directory.resolve()))[:16]}", overwrite=True)
     return block
 
 
-def bind(step: Any, storage: LocalFileSystem) -> Any:
+def read_result(storage: Any, key: str) -> Any:
+    """A persisted step result by its cache key (what a pool run left), or None when absent."""
+    store = ResultStore(result_storage=storage)
+    return store.read(key).result if store.exists(key) else None
+
+
+def bind(step: Any, storage: Any) -> Any:
     """A cached task with its results persisted in ``storage`` (from ``result_storage``)."""
     return step.with_options(result_storage=storage)
 
 
-def is_cached(storage: LocalFileSystem, key: str) -> bool:
+def is_cached(storage: Any, key: str) -> bool:
     """Whether a cached step's result is already persisted (the step would be skipped)."""
     return ResultStore(result_storage=storage).exists(key)
-
-
-@contextlib.contextmanager
-def gpu_slot(device: str) -> Iterator[None]:
-    """Hold the ``gpu`` concurrency slot when the work runs on CUDA; no-op on CPU."""
-    if device == "cuda" or (device == "auto" and _cuda_available()):
-        with concurrency("gpu", occupy=1):
-            yield
-    else:
-        yield
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 @task(
@@ -152,9 +165,10 @@ def resolve_sources(refs: dict[str, str], zoo: ZooSettings) -> dict[str, results
     """
     from scf.sources import resolve_source
 
+    zoo_root = zoo_dir(zoo) if any(ref.startswith(ZOO_PREFIX) for ref in refs.values()) else None
     resolved = {}
     for role, ref in refs.items():
-        source = resolve_source(str(_zoo_path(ref, zoo)) if ref.startswith(ZOO_PREFIX) else ref)
+        source = resolve_source(str(_zoo_path(ref, zoo_root)) if ref.startswith(ZOO_PREFIX) else ref)
         resolved[role] = results_db.Source(
             role=role,
             ref=ref,
@@ -165,14 +179,68 @@ def resolve_sources(refs: dict[str, str], zoo: ZooSettings) -> dict[str, results
     return resolved
 
 
-def _zoo_path(ref: str, zoo: ZooSettings) -> Path:
-    from evals.zoo import ZOO_MODELS, build_zoo, default_zoo_dir
-
+def _zoo_path(ref: str, zoo_root: Path) -> Path:
+    """``zoo:<model>`` -> its directory in the built zoo."""
     name = ref.removeprefix(ZOO_PREFIX)
-    if name not in ZOO_MODELS:
-        raise PipelineError(f"source {ref!r}: unknown zoo model; allowed: {', '.join(ZOO_MODELS)}")
-    zoo_dir = build_zoo(default_zoo_dir(zoo.size, zoo.seed), size=zoo.size, seed=zoo.seed, progress=False)
-    return Path(zoo_dir) / name
+    models = sorted(p.name for p in zoo_root.iterdir() if (p / "config.json").is_file())
+    if name not in models:
+        raise PipelineError(f"source {ref!r}: unknown zoo model; allowed: {', '.join(models)}")
+    return zoo_root / name
+
+
+def zoo_dir(zoo: ZooSettings) -> Path:
+    """The toy zoo's directory, built (trained) in a child process on first use, then reused."""
+    log = scf_cache_dir() / "logs"
+    step = ChildStep(
+        "zoo",
+        f"zoo-{zoo.size}-seed{zoo.seed}",
+        scf_command("zoo", "build", "--size", zoo.size, "--seed", str(zoo.seed), "--no-progress"),
+        log / f"zoo-{zoo.size}-seed{zoo.seed}-{os.getpid()}.log",
+        timeout_s=3600,
+    )
+    lines: list[str] = []
+    run_child(step, lines.append)
+    built = [line.removeprefix("zoo: ") for line in lines if line.startswith("zoo: ")]
+    if not built:
+        reason = "the zoo build printed no 'zoo: <dir>' line"
+        raise StepFailed("zoo", step.label, reason, lines, step.log_path)
+    return Path(built[-1])
+
+
+class StepSettings(BaseModel):
+    """How a flow runs a merge or an evaluation in its child process.
+
+    Attributes:
+        timeout_s: kill the child after this many seconds.
+        gpu_lock: ``auto``, ``on`` or ``off`` (see ``tasks.gpu``).
+        log_dir: the child's log and its input and output files go in a fresh directory under it.
+    """
+
+    timeout_s: float
+    gpu_lock: str = "auto"
+    log_dir: str
+
+
+def step_dir(settings: StepSettings, model_id: str, step: str) -> Path:
+    """A fresh directory for one attempt of a step: ``<log_dir>/<model id>/<step>-<time>-<random>``.
+
+    Every attempt gets its own, so two runs of the same step never write each other's files.
+    """
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    path = Path(settings.log_dir) / model_id / f"{step}-{stamp}-{secrets.token_hex(3)}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def latest_log(settings: StepSettings, model_id: str) -> Path | None:
+    """The newest child log of a model's steps (what a pool worker left in the shared log directory)."""
+    logs = sorted(Path(settings.log_dir, model_id).glob("*/*.log"), key=lambda path: path.stat().st_mtime)
+    return logs[-1] if logs else None
+
+
+def _forward(step: str, label: str):
+    logger = get_run_logger()
+    return lambda line: logger.info("[%s %s] %s", step, label, line)
 
 
 @task(
@@ -181,22 +249,33 @@ def _zoo_path(ref: str, zoo: ZooSettings) -> Path:
     cache_key_fn=_key_from_argument,
     persist_result=True,
 )
-def merge_candidate(spec: MergeSpec, out: str, label: str, cache_key: str) -> MergeOutcome:
-    """Merge one candidate into ``out`` (content-addressed by candidate id), atomically.
+def merge_candidate(
+    spec: MergeSpec, out: str, label: str, cache_key: str, settings: StepSettings, model_id: str
+) -> MergeOutcome:
+    """Merge one candidate into ``out`` (content-addressed by candidate id), atomically, in a child
+    process (``scf merge --config <spec>``) holding the GPU when it runs on one.
 
     A complete ``out`` left by an earlier run that died before its result was recorded is reused.
 
     Returns:
         Where the model is and its merge report.
-    """
-    from scf.merge import REPORT_NAME, merge
 
+    Raises:
+        StepFailed: the child failed, was killed or timed out.
+    """
     report_file = Path(out) / REPORT_NAME
     if report_file.exists():  # the directory appears complete or not at all (atomic rename)
         return MergeOutcome(path=out, report=json.loads(report_file.read_text()))
-    with gpu_slot(spec.device):
-        report = merge(spec, Path(out), progress=True)
-    return MergeOutcome(path=out, report=report)
+    work = step_dir(settings, model_id, "merge")
+    spec_file = work / "merge_spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    command = scf_command("merge", "--config", str(spec_file), "--out", out)
+    step = ChildStep("merge", label, command, work / "merge.log", settings.timeout_s)
+    with gpu_slot(spec.device, settings.gpu_lock):
+        run_child(step, _forward("merge", label))
+    if not report_file.is_file():
+        raise StepFailed("merge", label, f"finished but wrote no {report_file}", [], step.log_path)
+    return MergeOutcome(path=out, report=json.loads(report_file.read_text()))
 
 
 @task(
@@ -205,18 +284,28 @@ def merge_candidate(spec: MergeSpec, out: str, label: str, cache_key: str) -> Me
     cache_key_fn=_key_from_argument,
     persist_result=True,
 )
-def evaluate_model(model_dir: str, spec: EvalSpec, label: str, cache_key: str) -> EvalReport:
-    """Evaluate one model (a parent or a merged candidate) with the config's suite.
+def evaluate_model(
+    model_dir: str, spec: EvalSpec, label: str, cache_key: str, settings: StepSettings, model_id: str
+) -> EvalReport:
+    """Evaluate one model (a parent or a merged candidate) in a child process
+    (``scf eval <model> --spec <spec>``) holding the GPU when it runs on one.
 
     Returns:
         The evaluation report (scores, repetition, safety, samples).
-    """
-    from evals.suites import evaluate
 
+    Raises:
+        StepFailed: the child failed, was killed or timed out.
+    """
     if not Path(model_dir).exists():
         raise PipelineError(f"model directory {model_dir} is missing; cannot evaluate {label}")
-    with gpu_slot(spec.device):
-        return evaluate(model_dir, spec, progress=True)
+    work = step_dir(settings, model_id, "evaluate")
+    spec_file, report_file = work / "eval_spec.json", work / "eval_report.json"
+    spec_file.write_text(spec.model_dump_json(indent=2))
+    command = scf_command("eval", str(model_dir), "--spec", str(spec_file), "--out", str(report_file))
+    step = ChildStep("evaluate", label, command, work / "evaluate.log", settings.timeout_s)
+    with gpu_slot(spec.device, settings.gpu_lock):
+        run_child(step, _forward("evaluate", label))
+    return EvalReport.read_json(report_file)
 
 
 @task(
@@ -281,6 +370,87 @@ def write_artifacts(
         if config_file.is_file():
             files.append(Path(shutil.copy(config_file, out / "merge_config.yaml")))
     return files
+
+
+@task(
+    name="log-mlflow-failure",
+    task_run_name="log-failure-{label}",
+    retries=3,
+    retry_delay_seconds=IO_RETRY_DELAYS,
+    retry_condition_fn=retry_unless_bad_input,
+)
+def log_failure(
+    uri: str,
+    exp_id: str,
+    parent_run_id: str,
+    label: str,
+    model: results_db.ModelRecord,
+    failure: str,
+    tail: list[str],
+    artifact_dir: str,
+) -> str:
+    """Log a model whose merge or evaluation failed: a FAILED nested run with the reason as a tag and
+    the child's last output lines as ``failure.log``.
+
+    Returns:
+        The MLflow run id.
+    """
+    out = Path(artifact_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = out / "failure.log"
+    log_file.write_text(f"{failure}\n\n" + "\n".join(tail) + "\n")
+    params = {"kind": model.kind, "method": model.method or "none", "params": model.params}
+    tags = {"candidate_id": model.id, "kind": model.kind, "failure": failure[:4000]}
+    return tracking.log_model_run(
+        uri, exp_id, parent_run_id, label, params, {}, [log_file], tags, status="FAILED"
+    )
+
+
+@task(
+    name="store-duckdb-failure",
+    task_run_name="store-failure-{label}",
+    retries=3,
+    retry_delay_seconds=IO_RETRY_DELAYS,
+    retry_condition_fn=retry_unless_bad_input,
+)
+def store_failure(
+    db_path: str,
+    config_name: str,
+    label: str,
+    model: results_db.ModelRecord,
+    failure: str,
+    run_id: str | None,
+) -> None:
+    """Store a failed model: its candidates row, ``status='failed'`` and the reason."""
+    results_db.write_failure(Path(db_path), config_name, model, failure, run_id)
+
+
+def publish_verdict(summary: dict[str, Any]) -> None:
+    """The run's outcome as a Prefect markdown artifact (candidate, decision, reasons), shown on the
+    flow run's page in the Prefect UI."""
+    from prefect.artifacts import create_markdown_artifact
+
+    promoted = summary["promoted"]
+    lines = [
+        f"## {summary['config']}: "
+        + (f"promoted `{_label_of(summary, promoted)}`" if promoted else "nothing promoted"),
+        "",
+        f"Champion: `{summary['champion'] or 'none'}`. MLflow run `{summary['mlflow_run_id']}`, "
+        f"DuckDB `{summary['duckdb']}`.",
+        "",
+        "| candidate | id | decision | reasons |",
+        "| --- | --- | --- | --- |",
+    ]
+    for cand in summary["candidates"]:
+        reasons = "<br>".join(reason.replace("|", "\\|") for reason in cand["reasons"])
+        decision = "**FAILED**" if cand["status"] == "failed" else cand["decision"]
+        lines.append(f"| {cand['label']} | `{cand['id']}` | {decision} | {reasons} |")
+    key = "verdict-" + "".join(c if c.isalnum() else "-" for c in summary["config"].lower())
+    create_markdown_artifact(markdown="\n".join(lines), key=key[:100], description="the night's verdict")
+
+
+def _label_of(summary: dict[str, Any], candidate_id: str) -> str:
+    return next(c["label"] for c in summary["candidates"] if c["id"] == candidate_id)
 
 
 @task(

@@ -133,6 +133,7 @@ def log_model_run(
     metrics: dict[str, float],
     artifacts: list[Path],
     tags: dict[str, str],
+    status: str = "FINISHED",
 ) -> str:
     """Log one evaluated model as a finished run nested under the flow's run.
 
@@ -145,6 +146,7 @@ def log_model_run(
         metrics: from ``model_metrics``.
         artifacts: files to attach (merge report, merge config, samples, eval report).
         tags: e.g. ``candidate_id``, ``kind``, ``decision``.
+        status: the run's final status (``FAILED`` for a model whose merge or evaluation failed).
 
     Returns:
         The nested run id.
@@ -156,7 +158,7 @@ def log_model_run(
     for path in artifacts:
         if Path(path).exists():
             mlflow.log_artifact(run_id, str(path))
-    mlflow.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+    mlflow.set_terminated(run_id, status)
     return run_id
 
 
