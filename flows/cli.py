@@ -7,7 +7,11 @@ scf/ or evals/ importing each other or the orchestration stack.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import threading
+import time
 from collections.abc import Sequence
 
 
@@ -37,6 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
+        _exit_with_parent()
         faults.inject(args.command)
         return int(args.func(args) or 0)
     except (ScfError, EvalError, PipelineError) as err:
@@ -45,6 +50,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _exit_with_parent() -> None:
+    """A step started by a flow (``tasks.child`` sets ``SCF_PARENT_PID``) dies with it.
+
+    The step runs in a process group of its own (so a timeout can kill it whole), which also means
+    it would outlive a flow process killed with SIGKILL, holding a GPU for nobody. A daemon thread
+    notices the parent is gone and kills the step's whole group.
+    """
+    parent = os.environ.get("SCF_PARENT_PID")
+    if not parent:
+        return
+
+    def watch() -> None:
+        while os.getppid() == int(parent):
+            time.sleep(1.0)
+        os.killpg(0, signal.SIGKILL)
+
+    threading.Thread(target=watch, name="scf-parent-watch", daemon=True).start()
 
 
 if __name__ == "__main__":

@@ -135,7 +135,13 @@ def run_child(step: ChildStep, on_line: Callable[[str], None] | None = None) -> 
     """
     step.log_path.parent.mkdir(parents=True, exist_ok=True)
     step.log_path.write_text(f"$ {' '.join(step.argv)}\n")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SCF_STEP_LABEL": step.label, **step.env}
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "SCF_STEP_LABEL": step.label,
+        "SCF_PARENT_PID": str(os.getpid()),  # the child dies with this process (flows/cli.py)
+        **step.env,
+    }
     started = time.monotonic()
     # A process group of its own: the timeout kills the child and anything it started (vLLM's
     # engine core runs in a process of its own and would keep its GPU memory otherwise).

@@ -134,3 +134,26 @@ def test_two_gpu_steps_at_once_never_overlap(tmp_path: Path) -> None:
     assert len(intervals) == 3
     for (_, end), (start, _) in zip(intervals, intervals[1:], strict=False):
         assert end <= start, intervals
+
+
+def test_a_step_dies_with_the_flow_process_that_started_it(tmp_path: Path) -> None:
+    """A flow process killed with SIGKILL must not leave its steps running (they hold GPUs)."""
+    flow_process = tmp_path / "flow.py"
+    flow_process.write_text(textwrap.dedent(f"""
+        from pathlib import Path
+        from tasks.child import ChildStep, run_child, scf_command
+        command = scf_command("merge", "--base", "b", "--secondary", "s", "--out", "o")
+        run_child(ChildStep("merge", "orphan", command, Path({str(tmp_path / 'm.log')!r}), 600))
+    """))
+    env = {**os.environ, "PYTHONPATH": str(Path.cwd()), "SCF_FAULT_INJECT": "merge:orphan=hang"}
+    parent = psutil.Popen([sys.executable, str(flow_process)], env=env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (children := parent.children()):
+        time.sleep(0.1)
+    [step] = children
+    time.sleep(5)  # the step hangs in its injected fault (its parent watch started first)
+    assert step.is_running()
+    parent.kill()
+    parent.wait(timeout=30)
+    step.wait(timeout=30)  # raises TimeoutExpired if the step outlives its flow process
+    assert not step.is_running()
