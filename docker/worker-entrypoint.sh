@@ -9,16 +9,20 @@
 #   PREFECT_API_URL    the Prefect server's API, e.g. http://prefect-server:4200/api (required)
 #   SCF_WORK_POOL      the process work pool to poll (default: scf, the pool in prefect.yaml)
 #   SCF_WORKER_LIMIT   how many flow runs this worker runs at once (default: 2)
-#   SCF_GPU_SLOTS      slots of the `gpu` global concurrency limit, created if missing
-#                      (default: 1 = one GPU merge or generation at a time across all workers)
+#   SCF_GPU_SLOTS      if set, create the `gpu` global concurrency limit with this many slots
+#                      when it is missing: GPU steps across ALL workers of the server then share
+#                      them. Unset (the default), each machine's own GPU lock ($SCF_CACHE/locks)
+#                      serialises the GPU steps of that machine, and machines run in parallel.
 #   SCF_API_WAIT_S     how long to wait for the Prefect API before giving up (default: 120)
+#   PREFECT_FLOWS_HEARTBEAT_FREQUENCY  seconds between flow-run heartbeats (default here: 30), so a
+#                      night in pool mode notices a dead worker within execution.heartbeat_timeout_s
 set -euo pipefail
 
 : "${PREFECT_API_URL:?set PREFECT_API_URL to the Prefect server API, e.g. http://prefect-server:4200/api}"
 SCF_WORK_POOL="${SCF_WORK_POOL:-scf}"
 SCF_WORKER_LIMIT="${SCF_WORKER_LIMIT:-2}"
-SCF_GPU_SLOTS="${SCF_GPU_SLOTS:-1}"
 SCF_API_WAIT_S="${SCF_API_WAIT_S:-120}"
+export PREFECT_FLOWS_HEARTBEAT_FREQUENCY="${PREFECT_FLOWS_HEARTBEAT_FREQUENCY:-30}"
 
 # Wait for the API: compose orders start-up by healthchecks, but a worker started by hand
 # or after a server restart should wait rather than crash-loop.
@@ -37,9 +41,9 @@ while True:
         time.sleep(1)
 PY
 
-# The pipeline's GPU tasks each hold one slot of the `gpu` limit, so runs on every worker
-# share the GPU one at a time. Created once; an existing limit (maybe resized) is kept.
-if ! prefect gcl inspect gpu >/dev/null 2>&1; then
+# Optional: a server-wide `gpu` limit (the pipeline's GPU steps hold one slot when it exists).
+# Created once; an existing limit (maybe resized) is kept.
+if [ -n "${SCF_GPU_SLOTS:-}" ] && ! prefect gcl inspect gpu >/dev/null 2>&1; then
     prefect gcl create gpu --limit "$SCF_GPU_SLOTS"
 fi
 

@@ -108,7 +108,7 @@ def _run_on_pool(ctx: RunContext, plans: list[CandidatePlan]) -> tuple[list[Mode
     """
     jobs: list[tuple[Any, dict[str, Any]]] = [
         (plan, {"parent": plan.role}) for plan in plan_parents(ctx)
-    ] + [(plan, {"candidate": plan.id}) for plan in plans]
+    ] + [(plan, {"candidate": plan.label}) for plan in plans]
     futures: dict[str, PrefectFuture | None] = {}
     running: list[PrefectFuture] = []
     for plan, which in jobs:

@@ -10,9 +10,10 @@ How a run can end, and what the night does with it:
 - Completed: its results are read from the result storage by their cache keys.
 - Failed: the model's merge or evaluation failed (the state message says how); recorded ``failed``,
   not retried, since the same step would fail the same way.
-- Crashed or Cancelled, or lost: the process or its machine died. A run that is Running but sent no
-  heartbeat for ``heartbeat_timeout_s`` is marked Crashed here (its worker is gone and nobody else
-  would ever end it). These are submitted again, ``retries`` times, then recorded ``failed``.
+- Crashed or Cancelled, or lost: the process or its machine died. A run that a worker took (Pending)
+  or runs (Running) but that sent no heartbeat for ``heartbeat_timeout_s`` is marked Crashed here
+  (its worker is gone and nobody else would ever end it). These are submitted again, ``retries``
+  times, then recorded ``failed``.
 """
 
 from __future__ import annotations
@@ -68,16 +69,11 @@ def run_on_pool(
     from prefect.deployments import run_deployment
 
     logger = get_run_logger()
+    logger.info("%s: submitting to the pool", label)
     runs: list[str] = []
     message = ""
     for attempt in range(1 + retries):
-        flow_run = run_deployment(
-            deployment,
-            parameters=parameters,
-            flow_run_name=f"{label}" + (f"-retry{attempt}" if attempt else ""),
-            work_queue_name=work_queue,
-            timeout=0,
-        )
+        flow_run = run_deployment(deployment, parameters=parameters, work_queue_name=work_queue, timeout=0)
         runs.append(str(flow_run.id))
         logger.info("%s: submitted flow run %s (attempt %d)", label, flow_run.id, attempt + 1)
         state = watch(flow_run.id, heartbeat_timeout_s)
@@ -110,7 +106,9 @@ def watch(flow_run_id: UUID, heartbeat_timeout_s: float) -> Any:
             state = flow_run.state
             if state is not None and state.is_final():
                 return state
-            if state is not None and state.is_running():
+            # Pending: a worker took the run and is starting it; Running: it runs. Either way its
+            # process should be alive (Scheduled runs wait for a free worker and are left alone).
+            if state is not None and (state.is_running() or state.is_pending()):
                 silent = _seconds_since(_last_sign_of_life(client, flow_run))
                 if silent > heartbeat_timeout_s:
                     lost = Crashed(message=f"no heartbeat for {silent:.0f} s: its worker was lost")
@@ -120,7 +118,7 @@ def watch(flow_run_id: UUID, heartbeat_timeout_s: float) -> Any:
 
 
 def _last_sign_of_life(client: Any, flow_run: Any) -> datetime:
-    """The later of the run's last heartbeat event and the moment it started running."""
+    """The later of the run's last heartbeat event and the moment it entered its current state."""
     from prefect.events.filters import (
         EventFilter,
         EventNameFilter,

@@ -9,34 +9,33 @@ then a run of the on-demand deployment triggered through the API, on the tiny to
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shlex
 import shutil
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
+from helpers_prefect import (  # tests/ is on sys.path
+    PROCESS_START_S,
+    REPO,
+    VENV_BIN,
+    PrefectServer,
+    free_port,
+    prefect_server_process,
+    start_process,
+    stop_process,
+    wait_healthy,
+)
 from prefect import get_client
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from tasks import results_db
 
-REPO = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent  # the venv's `prefect` and `python`
 POOL = "scf"  # the process pool prefect.yaml's deployments target
-
-PROCESS_START_S = 120  # server or worker, on 2 busy cores
-CLI_TIMEOUT_S = 120
 RUN_TIMEOUT_S = 240
 
 
@@ -179,7 +178,7 @@ def test_worker_entrypoint_needs_an_api_url() -> None:
 
 
 def test_worker_entrypoint_gives_up_on_an_unreachable_api() -> None:
-    api_url = f"http://127.0.0.1:{_free_port()}/api"  # nothing listens there
+    api_url = f"http://127.0.0.1:{free_port()}/api"  # nothing listens there
 
     result = _run_worker_entrypoint(PREFECT_API_URL=api_url, SCF_API_WAIT_S="1")
 
@@ -192,105 +191,10 @@ def test_worker_entrypoint_gives_up_on_an_unreachable_api() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class PrefectServer:
-    """A `prefect server start` subprocess and the environment that points clients at it."""
-
-    api_url: str
-    env: dict[str, str]
-    home: Path
-
-    def cli(self, *args: str, cwd: Path = REPO, timeout: float = CLI_TIMEOUT_S) -> str:
-        """Run `prefect <args>` against this server; fail the test with its output on error."""
-        result = subprocess.run(
-            [str(VENV_BIN / "prefect"), *args],
-            cwd=cwd,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        assert result.returncode == 0, f"prefect {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
-        return result.stdout
-
-
-def _start(command: list[str], env: dict[str, str], log: Path, cwd: Path = REPO) -> subprocess.Popen:
-    """Start a long-running process in its own session, its output in `log`."""
-    with log.open("wb") as sink:
-        return subprocess.Popen(
-            command, cwd=cwd, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """Terminate `process` and every process it started (a worker's flow runs); kill what lingers."""
-    try:
-        root = psutil.Process(process.pid)
-        family = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        family = []
-    for member in family:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            member.terminate()
-    _, alive = psutil.wait_procs(family, timeout=15)
-    for member in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            member.kill()
-    psutil.wait_procs(alive, timeout=5)
-    process.wait(timeout=5)
-
-
-def _wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout_s: float) -> None:
-    """Poll `url` until it answers 200; fail with the process's log if it dies or time runs out."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"{process.args} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:
-            if response.status == 200:
-                return
-        time.sleep(0.5)
-    pytest.fail(f"{url} not healthy after {timeout_s} s:\n{log.read_text()[-3000:]}")
-
-
-def _client_env(home: Path, api_url: str) -> dict[str, str]:
-    """This process's environment without any outside Prefect settings, pointed at our server."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
-    env.update(
-        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
-        PREFECT_HOME=str(home),
-        PREFECT_API_URL=api_url,
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_UI_ENABLED="false",
-        PREFECT_WORKER_QUERY_SECONDS="1",
-        PREFECT_WORKER_PREFETCH_SECONDS="5",
-    )
-    return env
-
-
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
-    """`prefect server start` on 127.0.0.1, a free port, sqlite under a temporary PREFECT_HOME."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
-    api_url = f"http://127.0.0.1:{port}/api"
-    env = _client_env(home, api_url)
-    log = home / "server.log"
-    # No scheduler: the nightly deployment's schedule is stored (and checked) but never fires,
-    # so a test run at 02:00 UTC does not start a sweep.
-    command = ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-scheduler"]
-    server = _start([str(VENV_BIN / command[0]), *command[1:]], env, log)
-    try:
-        _wait_healthy(f"{api_url}/health", server, log, PROCESS_START_S)
-        yield PrefectServer(api_url=api_url, env=env, home=home)
-    finally:
-        _stop(server)
+    with prefect_server_process(tmp_path_factory.mktemp("prefect-home")) as server:
+        yield server
 
 
 def _api(api_url: str):
@@ -345,23 +249,24 @@ def test_on_demand_deployment_runs_on_a_worker_to_completion(
     server = prefect_server
     server.cli("work-pool", "create", POOL, "--type", "process")
     # The worker starts (docker/worker-entrypoint.sh, as in docker-compose) while we deploy.
-    health_port = _free_port()
+    health_port = free_port()
     worker_env = dict(
         server.env,
         SCF_WORK_POOL=POOL,
         SCF_WORKER_LIMIT="1",
+        SCF_GPU_SLOTS="1",  # the optional server-wide limit
         PREFECT_WORKER_WEBSERVER_HOST="127.0.0.1",
         PREFECT_WORKER_WEBSERVER_PORT=str(health_port),
     )
     worker_log = tmp_path / "worker.log"
-    worker = _start(["bash", str(REPO / "docker" / "worker-entrypoint.sh")], worker_env, worker_log)
+    worker = start_process(["bash", str(REPO / "docker" / "worker-entrypoint.sh")], worker_env, worker_log)
     try:
         server.cli("--no-prompt", "deploy", "--all")
         with _api(server.api_url):
             deployments = asyncio.run(_deployments_by_name())
         _check_deployments(deployments)
 
-        _wait_healthy(f"http://127.0.0.1:{health_port}/health", worker, worker_log, PROCESS_START_S)
+        wait_healthy(f"http://127.0.0.1:{health_port}/health", worker, worker_log, PROCESS_START_S)
         config = _cheap_config(tmp_path)
         with _api(server.api_url):
             assert asyncio.run(_global_concurrency_limit("gpu")) == 1
@@ -375,7 +280,7 @@ def test_on_demand_deployment_runs_on_a_worker_to_completion(
             f"flow run ended {flow_run.state}\n{worker_log.read_text()[-6000:]}"
         )
     finally:
-        _stop(worker)
+        stop_process(worker)
     # The run's results are in the DuckDB file the config names: both parents and the
     # candidate, which the gate has judged.
     leaderboard = results_db.leaderboard(tmp_path / "work" / "results.duckdb", "deploy-test")
