@@ -9,11 +9,12 @@ from typing import Any
 # never this long, an unbounded value quoted by mistake is).
 MAX_MESSAGE_CHARS = 2000
 _LINE_BREAKS = re.compile(r"\s*[\r\n]+\s*")
+_TERMINAL_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # colours some libraries put in their messages
 
 
 def one_line(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
-    """``text`` on one line (line breaks and the indentation after them become ``"; "``), at most
-    ``limit`` characters.
+    """``text`` on one line (line breaks and the indentation after them become ``"; "``, terminal
+    colour codes are dropped), at most ``limit`` characters.
 
     Args:
         text: any message, e.g. an exception's ``str()``.
@@ -22,7 +23,7 @@ def one_line(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
     Returns:
         The single-line text.
     """
-    flat = _LINE_BREAKS.sub("; ", text.strip())
+    flat = _LINE_BREAKS.sub("; ", _TERMINAL_CODES.sub("", text).strip())
     if len(flat) <= limit:
         return flat
     return f"{flat[: limit - 40]}... ({len(flat) - limit + 40} more characters)"

@@ -375,9 +375,12 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as exc:  # torch raises many types for a bad pickle
-        reason = one_line(str(exc).split("\n", 1)[0], 300)
-        raise ScfError(f"{path}: cannot load pickled weights with torch.load(weights_only=True) "
-                       f"({type(exc).__name__}: {reason})") from None
+        lines = str(exc).splitlines() or [""]
+        # weights_only's refusal names the offending global on a later line ("Unsupported global: ...")
+        reason = one_line(next((line for line in lines if "Unsupported global" in line), lines[0]), 300)
+        raise ScfError(f"{path}: cannot load pickled weights with torch.load(weights_only=True), which "
+                       f"loads tensors only and runs no code from the file ({type(exc).__name__}: "
+                       f"{reason})") from None
     if not isinstance(state, dict):
         raise ScfError(f"{path}: pickled weights are not a state dict (got {type(state).__name__})")
     odd = [key for key, value in state.items()

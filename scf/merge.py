@@ -180,11 +180,12 @@ def plan_merge(spec: MergeSpec, out: str | Path, *, overwrite: bool = False) -> 
         raise ScfError(f"method {spec.method!r} works on task vectors (model - reference) and needs a "
                        f"reference model (the common ancestor, mergekit's base_model): pass --reference")
     params = validate_params(spec.method, spec.params, 1 + len(spec.secondary))
-    dest = check_output_dir(out, overwrite=overwrite)
+    local_inputs = {label: [Path(ref).expanduser()] for label, ref in _labelled_refs(spec)
+                    if Path(ref).expanduser().exists()}
+    dest = check_output_dir(out, overwrite=overwrite, inputs=local_inputs)  # before any download
     device = resolve_device(spec.device)
     sources = _resolve_all(spec)
-    labels = ["base", *(f"secondary[{i}]" for i in range(len(spec.secondary)))]
-    labels += ["reference"] if spec.reference is not None else []
+    labels = [label for label, _ in _labelled_refs(spec)]
     checkpoints = []
     try:
         for source in sources:
@@ -239,9 +240,14 @@ def resolved_spec(plan: MergePlan) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ validation
 
 
+def _labelled_refs(spec: MergeSpec) -> list[tuple[str, str]]:
+    """``(label, ref)`` of every input: ``base``, ``secondary[i]``, then ``reference`` if any."""
+    refs = [("base", spec.base), *((f"secondary[{i}]", ref) for i, ref in enumerate(spec.secondary))]
+    return refs + ([("reference", spec.reference)] if spec.reference is not None else [])
+
+
 def _resolve_all(spec: MergeSpec) -> list[ResolvedSource]:
-    refs = [spec.base, *spec.secondary] + ([spec.reference] if spec.reference is not None else [])
-    return [resolve_source(ref, allow_pickle=spec.allow_pickle) for ref in refs]
+    return [resolve_source(ref, allow_pickle=spec.allow_pickle) for _, ref in _labelled_refs(spec)]
 
 
 def _check_architectures(checkpoints: list[Checkpoint], labels: list[str]) -> None:

@@ -62,13 +62,16 @@ def output_error(directory: Path, exc: OSError, what: str = "") -> OutputError:
                        f"the partial output was removed")
 
 
-def check_output_dir(out: str | Path, *, overwrite: bool) -> Path:
-    """Refuse an ``--out`` that is empty, the working directory (or a parent of it), not a directory,
-    or an existing directory this tool did not write; recover a killed writer's leftovers first.
+def check_output_dir(out: str | Path, *, overwrite: bool,
+                     inputs: dict[str, list[Path]] | None = None) -> Path:
+    """Refuse an ``--out`` that is empty, the working directory (or a parent of it), under a file, an
+    input (see `check_not_an_input`), not a directory, or an existing directory this tool did not
+    write; recover a killed writer's leftovers first.
 
     Args:
         out: the output directory as the user gave it.
         overwrite: whether an existing earlier merge output may be replaced.
+        inputs: the inputs known so far (label -> paths), checked before the existing output is.
 
     Returns:
         The absolute destination path.
@@ -86,6 +89,7 @@ def check_output_dir(out: str | Path, *, overwrite: bool) -> Path:
     ancestor = existing_ancestor(dest.parent)
     if not ancestor.is_dir():
         raise ScfError(f"cannot create --out {out}: {ancestor} is a file, not a directory")
+    check_not_an_input(dest, inputs or {})
     recover_stale(dest)  # before looking at dest: a killed overwrite may have moved it aside
     if dest.is_symlink():
         raise ScfError(f"--out {out} is a symbolic link; give the directory's real path")

@@ -132,7 +132,8 @@ def spec_from_mapping(data: Mapping[str, Any], origin: str) -> MergeSpec:
         problems = []
         for err in exc.errors():
             key = ".".join(str(part) for part in err["loc"]) or "(top level)"
-            what = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            message = err["msg"].removeprefix("Value error, ")
+            what = "unknown key" if err["type"] == "extra_forbidden" else message
             problems.append(f"{key}: {what}")
         raise ScfError(f"merge spec from {origin}: " + "; ".join(problems)) from None
 

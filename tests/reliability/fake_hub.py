@@ -32,8 +32,17 @@ class FakeHub:
             other calls, such as its agent registry, get a 404 and are not counted).
     """
 
-    def __init__(self, repo_id: str, sha: str, model_dir: Path, *, drop: int = 0, stall: int = 0,
-                 stall_s: float = 3.0, fail_with: int | None = None) -> None:
+    def __init__(
+        self,
+        repo_id: str,
+        sha: str,
+        model_dir: Path,
+        *,
+        drop: int = 0,
+        stall: int = 0,
+        stall_s: float = 3.0,
+        fail_with: int | None = None,
+    ) -> None:
         self.repo_id, self.sha = repo_id, sha
         self.files = {p.name: p.read_bytes() for p in sorted(model_dir.iterdir()) if p.is_file()}
         self.drop, self.stall, self.stall_s, self.fail_with = drop, stall, stall_s, fail_with
@@ -83,7 +92,9 @@ class FakeHub:
                 self._answer(body=True)
 
             def _answer(self, body: bool) -> None:
-                if hub.repo_id not in self.path:  # huggingface_hub's side calls (agent registry): not the repo
+                if (
+                    hub.repo_id not in self.path
+                ):  # huggingface_hub's side calls (agent registry): not the repo
                     return self._send(404, b"{}", {})
                 fault = hub._fault(f"{self.command} {self.path}")
                 if fault == "drop":  # the connection dies without a response
@@ -97,7 +108,9 @@ class FakeHub:
                     return
                 if hub.fail_with is not None:
                     code = "RepoNotFound" if hub.fail_with in (401, 404) else None
-                    return self._send(hub.fail_with, b'{"error": "no"}', {"X-Error-Code": code} if code else {})
+                    return self._send(
+                        hub.fail_with, b'{"error": "no"}', {"X-Error-Code": code} if code else {}
+                    )
                 path = unquote(urlparse(self.path).path)
                 info = f"/api/models/{hub.repo_id}/revision/"
                 tree = f"/api/models/{hub.repo_id}/tree/"
@@ -106,11 +119,19 @@ class FakeHub:
                     siblings = [{"rfilename": name} for name in hub.files]
                     return self._json({"id": hub.repo_id, "sha": hub.sha, "siblings": siblings})
                 if path.startswith(tree):
-                    return self._json([{"type": "file", "path": name, "size": len(data),
-                                        "oid": hashlib.sha1(data).hexdigest()}
-                                       for name, data in hub.files.items()])
+                    return self._json(
+                        [
+                            {
+                                "type": "file",
+                                "path": name,
+                                "size": len(data),
+                                "oid": hashlib.sha1(data).hexdigest(),
+                            }
+                            for name, data in hub.files.items()
+                        ]
+                    )
                 if path.startswith(resolve):
-                    name = path[len(resolve):].split("/", 1)[1]
+                    name = path[len(resolve) :].split("/", 1)[1]
                     if name not in hub.files:
                         return self._send(404, b"{}", {"X-Error-Code": "EntryNotFound"})
                     data = hub.files[name]

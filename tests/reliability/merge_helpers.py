@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from helpers_ckpt import run_scf
@@ -17,8 +20,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 def tree_digest(root: Path) -> dict[str, str]:
     """sha256 of every file under ``root`` (links followed), by relative path: equal digests, same bytes."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def leftovers(directory: Path) -> list[str]:
@@ -41,14 +47,25 @@ def refused(args: list[str], *fragments: str) -> str:
     return lines[0]
 
 
-def start_paused_merge(args: list[str], point: str, marker: Path, *, env: dict | None = None,
-                       timeout_s: float = 120) -> subprocess.Popen:
+def start_paused_merge(
+    args: list[str], point: str, marker: Path, *, env: dict | None = None, timeout_s: float = 120
+) -> subprocess.Popen:
     """Start ``scf merge ARGS`` (the real entry point, a child process) and wait until it pauses at
     ``point`` (see scf/faults.py); returns the paused process."""
-    child_env = {**os.environ, "PYTHONPATH": str(REPO), "SCF_FAULT_PAUSE": point, "SCF_FAULT_MARKER": str(marker),
-                 **(env or {})}
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "merge", *args, "--quiet"], env=child_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child_env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "SCF_FAULT_PAUSE": point,
+        "SCF_FAULT_MARKER": str(marker),
+        **(env or {}),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "merge", *args, "--quiet"],
+        env=child_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + timeout_s
     while not marker.exists():
         if proc.poll() is not None:
@@ -62,3 +79,28 @@ def kill(proc: subprocess.Popen) -> None:
     """SIGKILL a child and reap it."""
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, options: str) -> Iterator[bool]:
+    """Mount a tmpfs with ``options`` (e.g. ``size=1m,nr_inodes=4``, ``ro``) at ``path`` for the block.
+
+    Yields:
+        True when mounted; False when this machine refuses (no privileges, as on most CI runners)
+        or ``SCF_TEST_NO_MOUNT`` is set (to run that path on a machine that could mount): the caller
+        then simulates the fault at the writer's seam instead.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = (
+        not os.environ.get("SCF_TEST_NO_MOUNT")
+        and shutil.which("mount") is not None
+        and subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)

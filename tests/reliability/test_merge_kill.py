@@ -31,8 +31,15 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     reference = merge(spec, root / "reference", progress=False)
     assert len(list((root / "reference").glob("model-*.safetensors"))) >= 3
     args = ["--base", str(base), "--secondary", str(sec), "--method", "linear", "--shard-size", "40KB"]
-    return {"spec": spec, "args": args, "reference": tree_digest(root / "reference"),
-            "report": reference, "inputs": (tree_digest(base), tree_digest(sec)), "base": base, "sec": sec}
+    return {
+        "spec": spec,
+        "args": args,
+        "reference": tree_digest(root / "reference"),
+        "report": reference,
+        "inputs": (tree_digest(base), tree_digest(sec)),
+        "base": base,
+        "sec": sec,
+    }
 
 
 def weights(digest: dict[str, str]) -> dict[str, str]:
@@ -41,8 +48,9 @@ def weights(digest: dict[str, str]) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("point", ["before_first_shard", "between_shards", "final_rename"])
-def test_sigkill_leaves_nothing_partial_and_the_rerun_is_bit_identical(inputs: dict, tmp_path: Path,
-                                                                       point: str) -> None:
+def test_sigkill_leaves_nothing_partial_and_the_rerun_is_bit_identical(
+    inputs: dict, tmp_path: Path, point: str
+) -> None:
     out = tmp_path / "merged"
     proc = start_paused_merge([*inputs["args"], "--out", str(out)], point, tmp_path / "marker")
     if point == "between_shards":  # one shard complete in the temporary directory, more to come
@@ -62,8 +70,9 @@ def test_sigkill_during_an_overwrite_puts_the_previous_output_back(inputs: dict,
     other = inputs["spec"].model_copy(update={"params": {"weight": [0.9, 0.1]}})
     merge(other, out, progress=False)
     previous = tree_digest(out)
-    proc = start_paused_merge([*inputs["args"], "--out", str(out), "--overwrite"], "final_rename",
-                              tmp_path / "marker")
+    proc = start_paused_merge(
+        [*inputs["args"], "--out", str(out), "--overwrite"], "final_rename", tmp_path / "marker"
+    )
     assert not out.exists()  # moved aside, the new one not yet in place
     kill(proc)
     # A rerun without --overwrite gets the previous output back and says so at once (it used to merge
@@ -78,7 +87,9 @@ def test_sigkill_during_an_overwrite_puts_the_previous_output_back(inputs: dict,
 
 def test_a_second_writer_never_deletes_a_live_writers_temp_dir(inputs: dict, tmp_path: Path) -> None:
     out = tmp_path / "merged"
-    first = start_paused_merge([*inputs["args"], "--out", str(out)], "before_first_shard", tmp_path / "marker")
+    first = start_paused_merge(
+        [*inputs["args"], "--out", str(out)], "before_first_shard", tmp_path / "marker"
+    )
     try:
         (live,) = [tmp_path / n for n in leftovers(tmp_path) if ".scf-tmp-" in n]
         merge(inputs["spec"], out, progress=False)  # same destination, while the first is alive
