@@ -530,10 +530,11 @@ def check_free_space(directory: Path, needed_bytes: int) -> None:
     free = shutil.disk_usage(directory).free
     if free < needed_bytes * 1.01:
         raise ScfError(f"not enough free disk space in {directory}: the output needs about "
-                       f"{_human(needed_bytes)}, {_human(free)} is free")
+                       f"{human_bytes(needed_bytes)}, {human_bytes(free)} is free")
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float) -> str:
+    """A byte count for people: ``28.7 KB``, ``1.5 GB`` (decimal units)."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
             return f"{n:.1f} {unit}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from scf.errors import ScfError
+from scf.io import human_bytes
 
 # bytes of working memory per element of the largest tensor (run G, peak anon / 233.4M elements)
 WORKING_BYTES_PER_ELEMENT: dict[str, float] = {
@@ -70,5 +71,5 @@ def check_working_memory(method: str, name: str, numel: int, input_bytes_per_ele
     if needed > free:
         raise ScfError(
             f"not enough memory on {device} for tensor {name!r} ({numel:,} elements): method {method!r} "
-            f"needs about {needed / 1e9:.2f} GB for it ({per_element:g} bytes per element, measured), and "
-            f"{free / 1e9:.2f} GB is available; free memory or use a device with more")
+            f"needs about {human_bytes(needed)} for it ({per_element:g} bytes per element, measured), and "
+            f"{human_bytes(free)} is available; free memory or use a device with more")

@@ -196,8 +196,8 @@ def plan_merge(spec: MergeSpec, out: str | Path, *, overwrite: bool = False) -> 
         _check_tensors(checkpoints, labels)
         outputs = [OutputTensor(m.name, m.shape, _output_dtype(m.dtype, spec.dtype))
                    for m in checkpoints[0].tensors.values()]
-        check_free_space(existing_ancestor(dest), sum(t.nbytes for t in outputs) + 2**20)
         _check_memory(method, checkpoints, device)
+        check_free_space(existing_ancestor(dest), sum(t.nbytes for t in outputs) + 2**20)
     except BaseException:
         for checkpoint in checkpoints:
             checkpoint.close()
