@@ -2,7 +2,8 @@
 
 merge_throughput.py calls this with the mergekit venv's python, so the timing covers
 ``mergekit.merge.run_merge`` alone (not interpreter start-up or imports), measured the same way as
-our merges. It must not import anything from this project (scf is not installed in that venv).
+our merges. It must not import this project's packages (scf is not installed in that venv); it
+loads the standard-library-only ``scf/rss.py`` by path for the peak RSS, so both children measure alike.
 
 Usage (inside the mergekit venv):
     python _mergekit_runner.py CONFIG.yml OUT_DIR [--device cpu|cuda] [--shard-params N]
@@ -13,8 +14,8 @@ Last stdout line: ``RESULT {"wall_s": ..., "peak_rss_bytes": ..., "error": null,
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -23,20 +24,13 @@ RESULT_PREFIX = "RESULT "
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak RSS since it started (exec), in bytes.
-
-    Linux's VmHWM, not getrusage's ru_maxrss: the latter keeps the high-water mark of the parent
-    at fork time across exec, so a child of a benchmark that has just read gigabytes would report
-    the parent's peak instead of its own. (Also used by merge_throughput.py: this file may only
-    use the standard library, as it runs in mergekit's virtualenv.)
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak RSS since it started (exec), in bytes: ``scf/rss.py``'s helper, loaded by
+    path because this virtualenv has no scf installed (that file uses the standard library only)."""
+    path = Path(__file__).resolve().parents[1] / "scf" / "rss.py"
+    spec = importlib.util.spec_from_file_location("scf_rss", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.peak_rss_bytes()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.util
 import json
 import os
 import platform
@@ -448,13 +447,14 @@ def child_main(job_json: str) -> int:
     job = json.loads(job_json)
     try:
         from scf.merge import merge
+        from scf.rss import peak_rss_bytes
         from scf.spec import MergeSpec
 
         spec = MergeSpec(**job["spec"])
         sampler = _RssSampler()
         start = time.perf_counter()
         report = merge(spec, Path(job["out"]), overwrite=True, progress=True)
-        result = RunResult(wall_s=time.perf_counter() - start, peak_rss_bytes=_peak_rss_bytes())
+        result = RunResult(wall_s=time.perf_counter() - start, peak_rss_bytes=peak_rss_bytes())
         result.extra = {"timings": report.get("timings", {}), "totals": report.get("totals", {})}
         result.extra |= sampler.stop()
     except Exception as exc:  # reported in the table; the benchmark goes on with the next method
@@ -492,14 +492,6 @@ class _RssSampler:
         self._stop.set()
         self._thread.join()
         return {"peak_anon_bytes": self.peaks["RssAnon"], "peak_file_bytes": self.peaks["RssFile"]}
-
-
-def _peak_rss_bytes() -> int:
-    """The child's own peak RSS (see ``_mergekit_runner.peak_rss_bytes``, shared by both children)."""
-    spec = importlib.util.spec_from_file_location("_mergekit_runner", MERGEKIT_RUNNER)
-    runner = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(runner)
-    return runner.peak_rss_bytes()
 
 
 def _run_child(command: list[str]) -> RunResult:

@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from scf.errors import ScfError
+from scf.yamlsafe import load_yaml
 
 # CLI flag -> MergeSpec field, for flags that override the YAML config when given.
 _FLAG_FIELDS = ("base", "secondary", "reference", "method", "device", "dtype", "seed", "shard_size",
@@ -30,7 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "the fields of --config. Bad input: 'error: ...' and exit code 2, nothing written.")
     merge.add_argument("--config", type=Path,
                        help="YAML file of MergeSpec fields (base, secondary, method, params, ...)")
-    merge.add_argument("--out", type=Path, required=True, help="output directory (appears atomically)")
+    merge.add_argument("--out", required=True,
+                       help="output directory (appears atomically); never an input, its parent or the "
+                            "working directory")
     merge.add_argument("--base", help="base model: local dir, .safetensors file or hub id org/name[@rev]")
     merge.add_argument("--secondary", action="append", help="secondary model (repeat for several)")
     merge.add_argument("--reference", help="common ancestor for task-vector methods (mergekit's base_model)")
@@ -49,7 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="tensor-name glob to diagnose (repeatable; default: a few layers' attn/MLP)")
     merge.add_argument("--allow-pickle", dest="allow_pickle", action="store_true", default=None,
                        help="accept pickled .bin weights (loaded with torch.load(weights_only=True))")
-    merge.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    merge.add_argument("--overwrite", action="store_true",
+                       help="replace --out if it is an earlier merge output (holds merge_report.json)")
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
     merge.set_defaults(func=run_merge)
 
@@ -77,10 +79,8 @@ def parse_set(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ScfError(f"--set {item!r}: expected KEY=VALUE, e.g. --set alpha=1.5")
-        try:
-            params[key.strip()] = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            raise ScfError(f"--set {item!r}: value is not a YAML scalar or list") from None
+        # Bounded: an alias bomb is refused before anything walks (or prints) the value.
+        params[key.strip()] = load_yaml(raw, f"--set {key.strip()}")
     return params
 
 

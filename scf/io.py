@@ -7,30 +7,33 @@ loads one tensor at a time with ``safe_open``.
 
 Writing: `ShardedWriter` plans the whole output layout up front (every tensor's name, shape and
 dtype is known before merging), so each shard's header is written first and each tensor is
-appended the moment it is computed: memory holds one tensor, never a shard. `AtomicDir` makes
-the output directory appear in one rename.
+appended the moment it is computed: memory holds one tensor, never a shard. Every output file is
+created by `open_output`, and a failed write is an `OutputError` naming the directory.
+`scf.outdir.AtomicDir` makes the output directory appear in one rename.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import queue
 import shutil
+import stat
 import struct
 import threading
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-import psutil
 import torch
 from safetensors import safe_open
 
-from scf.errors import ScfError
+from scf import faults
+from scf.errors import ScfError, one_line, short_repr
+from scf.outdir import output_error
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -65,7 +68,7 @@ CONFIG_AND_TOKENIZER_PATTERNS = (
     "*.model",
     "chat_template.*",
 )
-_MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+_MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit (MAX_HEADER_SIZE)
 _SAMPLE_BYTES = 4096
 
 
@@ -102,59 +105,153 @@ class TensorMeta:
 
 
 def read_header(path: Path) -> tuple[bytes, dict[str, TensorMeta]]:
-    """Read and check a safetensors header: valid JSON, known dtypes, data inside the file.
+    """Read and check a safetensors header, at least as strictly as the safetensors library does.
+
+    Checked: the file is a regular file; the header length fits in the file and under 100 MB; the
+    header is UTF-8 JSON without duplicate keys; ``__metadata__`` maps strings to strings; every
+    tensor has a known dtype, a shape of non-negative integers and two integer ``data_offsets``
+    whose span is exactly what the shape and dtype need; sorted by offset, the tensors cover the data
+    region from its first byte to the file's last, with no gap, overlap or trailing byte.
 
     Args:
         path: a ``.safetensors`` file.
 
     Returns:
-        The raw header bytes and the tensors it declares (absolute file offsets).
+        The raw header bytes and the tensors it declares (absolute file offsets), in offset order.
 
     Raises:
-        ScfError: the file is truncated or corrupted; the message names it.
+        ScfError: the file is not regular, truncated or corrupted; the message names it and the tensor.
     """
-    size = path.stat().st_size
+    size = regular_file(path).st_size
     with path.open("rb") as f:
         prefix = f.read(8)
         if len(prefix) < 8:
             raise ScfError(f"{path}: not a safetensors file (only {size} bytes)")
         (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > min(_MAX_HEADER_BYTES, size - 8):
+        if header_len > size - 8:
             raise ScfError(f"{path}: corrupted or truncated safetensors (header length {header_len} "
                            f"does not fit in a {size}-byte file)")
+        if header_len > _MAX_HEADER_BYTES:
+            raise ScfError(f"{path}: corrupted safetensors (a {header_len}-byte header is over the "
+                           f"format's {_MAX_HEADER_BYTES}-byte limit)")
         raw = f.read(header_len)
+    header = _parse_header_json(path, raw)
+    data_start = 8 + header_len
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ScfError(f"{path}: corrupted safetensors header (__metadata__ must map strings to strings)")
+    metas = sorted((_tensor_meta(path, name, entry, data_start, size) for name, entry in header.items()),
+                   key=lambda m: m.span)
+    _check_layout(path, metas, data_start, size)
+    return raw, {meta.name: meta for meta in metas}
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _parse_header_json(path: Path, raw: bytes) -> dict[str, Any]:
+    """The header as a dict; refuses non-UTF-8, non-JSON, a non-object and duplicate keys (at any depth:
+    JSON parsers disagree on which of two equal keys wins, so a file could mean two things)."""
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as dup:
+        key = short_repr(str(dup))
+        raise ScfError(f"{path}: corrupted safetensors header (key {key} appears twice)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise ScfError(f"{path}: corrupted safetensors header (not JSON)") from None
     if not isinstance(header, dict):
         raise ScfError(f"{path}: corrupted safetensors header (not a JSON object)")
-    data_start = 8 + header_len
-    tensors: dict[str, TensorMeta] = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        tensors[name] = _tensor_meta(path, name, entry, data_start, size)
-    return raw, tensors
+    return header
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _tensor_meta(path: Path, name: str, entry: Any, data_start: int, size: int) -> TensorMeta:
     """One header entry as a `TensorMeta`, checking its dtype, shape and byte range."""
-    try:
-        dtype = _ST_TO_TORCH[entry["dtype"]]
-        shape = tuple(int(d) for d in entry["shape"])
-        begin, end = (int(x) for x in entry["data_offsets"])
-    except (KeyError, TypeError, ValueError):
-        raise ScfError(f"{path}: corrupted safetensors header entry for tensor {name!r}") from None
-    meta = TensorMeta(name, path, dtype, shape, (data_start + begin, data_start + end))
+    where = f"{path}: corrupted safetensors header: tensor {short_repr(name)}"
+    if not isinstance(entry, dict):
+        raise ScfError(f"{where} is not an object with dtype, shape and data_offsets")
+    code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(code, str) or code not in _ST_TO_TORCH:
+        raise ScfError(f"{where} has unknown dtype {short_repr(code)} "
+                       f"(known: {', '.join(_ST_TO_TORCH)})")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise ScfError(f"{where} has shape {short_repr(shape)}; expected a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(x) for x in offsets)
+            and offsets[0] <= offsets[1]):
+        raise ScfError(f"{where} has data_offsets {short_repr(offsets)}; expected [begin, end], "
+                       f"non-negative integers with begin <= end")
+    begin, end = offsets
+    dtype = _ST_TO_TORCH[code]
+    meta = TensorMeta(name, path, dtype, tuple(shape), (data_start + begin, data_start + end))
     expected = meta.numel * dtype.itemsize
     if end - begin != expected:
-        raise ScfError(f"{path}: corrupted safetensors: tensor {name!r} has {end - begin} bytes, "
-                       f"its shape {list(shape)} and dtype need {expected}")
+        raise ScfError(f"{path}: corrupted safetensors: tensor {short_repr(name)} has {end - begin} bytes, "
+                       f"its shape {short_repr(shape)} and dtype {code} need {expected}")
     if data_start + end > size:
-        raise ScfError(f"{path}: truncated safetensors: tensor {name!r} ends at byte {data_start + end}, "
-                       f"the file has {size}")
+        raise ScfError(f"{path}: truncated safetensors: tensor {short_repr(name)} ends at byte "
+                       f"{data_start + end}, the file has {size}")
     return meta
+
+
+def _check_layout(path: Path, metas: list[TensorMeta], data_start: int, size: int) -> None:
+    """Tensors sorted by offset must tile the data region exactly: no overlap (two names reading
+    the same bytes), no gap and no trailing bytes (data no tensor accounts for)."""
+    position, previous = data_start, None
+    for meta in metas:
+        begin, end = meta.span
+        if begin < position:
+            raise ScfError(f"{path}: corrupted safetensors: tensor {short_repr(meta.name)} (bytes "
+                           f"{begin - data_start}-{end - data_start} of the data) overlaps tensor "
+                           f"{short_repr(previous)}")
+        if begin > position:
+            raise ScfError(f"{path}: corrupted safetensors: {begin - position} bytes before tensor "
+                           f"{short_repr(meta.name)} belong to no tensor")
+        position, previous = end, meta.name
+    if position != size:
+        raise ScfError(f"{path}: corrupted safetensors: {size - position} trailing bytes after the last "
+                       f"tensor belong to no tensor")
+
+
+def regular_file(path: Path) -> os.stat_result:
+    """``stat`` of a weight file that must be a regular file (a link to one is fine).
+
+    A FIFO would block the first read forever and a directory cannot be read, so both (and devices,
+    sockets, broken links) are refused before anything opens them.
+
+    Args:
+        path: the file.
+
+    Returns:
+        Its ``os.stat`` (links followed).
+
+    Raises:
+        ScfError: it is missing or not a regular file.
+    """
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise ScfError(f"{path}: does not exist (a broken link?)") from None
+    except OSError as exc:
+        raise ScfError(f"{path}: cannot read it ({exc.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        kinds = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket",
+                 stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
+        kind = kinds.get(stat.S_IFMT(info.st_mode), "not a regular file")
+        raise ScfError(f"{path}: is {kind}, not a regular file; weight files must be regular files")
+    return info
 
 
 @dataclass
@@ -187,9 +284,12 @@ class Checkpoint:
             return None
         path = self.directory / "config.json"
         try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
+            config = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ScfError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(config, dict):
+            raise ScfError(f"{path}: not a model config (a JSON object), got a JSON {type(config).__name__}")
+        return config
 
     def load(self, name: str) -> torch.Tensor:
         """Load one tensor (on the CPU, in its stored dtype).
@@ -269,13 +369,29 @@ def _file_sha256(path: Path) -> str:
 
 
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
-    """Load a pickled state dict safely (tensors only, memory-mapped)."""
+    """Load a pickled state dict safely: ``weights_only`` (no code runs), memory-mapped when the file
+    is in torch's zip format (an old-format file cannot be mapped and is read whole)."""
+    regular_file(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as exc:  # torch raises many types for a bad pickle
-        raise ScfError(f"{path}: cannot load pickled weights ({type(exc).__name__}: {exc})") from None
+        lines = str(exc).splitlines() or [""]
+        # weights_only's refusal names the offending global on a later line ("Unsupported global: ...")
+        reason = one_line(next((line for line in lines if "Unsupported global" in line), lines[0]), 300)
+        raise ScfError(f"{path}: cannot load pickled weights with torch.load(weights_only=True), which "
+                       f"loads tensors only and runs no code from the file ({type(exc).__name__}: "
+                       f"{reason})") from None
     if not isinstance(state, dict):
-        raise ScfError(f"{path}: pickled weights are not a state dict")
+        raise ScfError(f"{path}: pickled weights are not a state dict (got {type(state).__name__})")
+    odd = [key for key, value in state.items()
+           if not (isinstance(key, str) and isinstance(value, torch.Tensor))]
+    if odd:
+        shown = ", ".join(short_repr(k) for k in odd[:3])
+        nested = "state_dict" in state or "model" in state
+        what = ("a training checkpoint (a state dict nested among other entries)" if nested
+                else "entries that are not tensors")
+        raise ScfError(f"{path}: holds {what}: {shown}; only a flat state dict of name -> tensor can be "
+                       f"merged: extract it and save it with safetensors")
     return state
 
 
@@ -285,23 +401,29 @@ def open_checkpoint(path: Path, *, allow_pickle: bool = False) -> Checkpoint:
     Args:
         path: a directory (``model.safetensors``, ``model.safetensors.index.json`` plus shards,
             or other ``*.safetensors`` files) or a single ``.safetensors`` file.
-        allow_pickle: accept pickled ``.bin`` weights when there are no safetensors.
+        allow_pickle: accept pickled weights (``pytorch_model.bin``, or the shards of
+            ``pytorch_model.bin.index.json``) when there are no safetensors.
 
     Returns:
         The opened `Checkpoint` (headers read and checked, no tensor data loaded).
 
     Raises:
-        ScfError: no weights, pickled weights not allowed, a missing shard, or a corrupted or
-            truncated file; the message names the file.
+        ScfError: no weights, pickled weights not allowed, a missing shard, a shard name that is not
+            a plain file name, a weight file that is not a regular file, or a corrupted or truncated
+            file; the message names the file.
     """
-    if path.is_file():
+    if not path.is_dir():
+        regular_file(path)
         if path.suffix != ".safetensors":
             raise ScfError(f"{path}: not a .safetensors file")
         return _open_safetensors(path, [path])
     index = path / INDEX_NAME
-    if index.is_file():
-        return _open_safetensors(path, _shards_from_index(index))
-    if (path / SINGLE_NAME).is_file():
+    if os.path.lexists(index):
+        weight_map = _read_weight_map(index)
+        checkpoint = _open_safetensors(path, [path / name for name in dict.fromkeys(weight_map.values())])
+        _check_weight_map(index, weight_map, checkpoint)
+        return checkpoint
+    if os.path.lexists(path / SINGLE_NAME):
         return _open_safetensors(path, [path / SINGLE_NAME])
     loose = sorted(path.glob("*.safetensors"))
     if loose:
@@ -316,32 +438,56 @@ def open_checkpoint(path: Path, *, allow_pickle: bool = False) -> Checkpoint:
     return _open_pickle(path, pickled)
 
 
-def _shards_from_index(index: Path) -> list[Path]:
-    """The shard files an index names, each checked to exist."""
+def _read_weight_map(index: Path) -> dict[str, str]:
+    """An index's ``weight_map`` (tensor name -> shard file name), every shard name checked to be a
+    plain file name of the index's directory and to exist there."""
+    regular_file(index)
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         raise ScfError(f"{index}: not a valid index (no 'weight_map')") from None
-    shards = list(dict.fromkeys(weight_map.values()))
-    for shard in shards:
-        if not (index.parent / shard).is_file():
+    if not isinstance(weight_map, dict):
+        raise ScfError(f"{index}: weight_map is a JSON {type(weight_map).__name__}, expected an object "
+                       f"of tensor name -> shard file name")
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise ScfError(f"{index}: weight_map[{short_repr(tensor)}] is {short_repr(shard)}, "
+                           f"expected a shard file name")
+    for shard in dict.fromkeys(weight_map.values()):
+        _check_shard_name(index, shard)
+        if not os.path.lexists(index.parent / shard):
             raise ScfError(f"{index}: names shard {shard!r}, which does not exist in {index.parent}")
-    return [index.parent / shard for shard in shards]
+    return weight_map
+
+
+def _check_shard_name(index: Path, shard: str) -> None:
+    """A shard must be named by a plain file name (no directory part, no ``..``), so an index can only
+    point inside its own directory. The name is checked, not where a link of that name points: the
+    Hugging Face cache stores a snapshot's files as links into its blobs folder."""
+    if not shard or shard in {".", ".."} or any(sep in shard for sep in ("/", "\\", "\0")):
+        raise ScfError(f"{index}: names shard {short_repr(shard)}, which is not a plain file name; "
+                       f"shards must be files directly inside {index.parent}")
+
+
+def _check_weight_map(index: Path, weight_map: dict[str, str], checkpoint: Checkpoint) -> None:
+    """Every tensor the index places must be in the header of the shard it names."""
+    for tensor, shard in weight_map.items():
+        meta = checkpoint.tensors.get(tensor)
+        if meta is None or meta.file.name != shard:
+            found = f"it is in {meta.file.name}" if meta else "no shard holds it"
+            raise ScfError(f"{index}: places tensor {short_repr(tensor)} in {shard}, but {found}")
 
 
 def _pickle_files(path: Path) -> list[Path]:
-    """Pickled weight files of a directory (via their index when sharded)."""
+    """Pickled weight files of a directory: the shards its index names, else ``pytorch_model.bin``,
+    else ``pytorch_model-*.bin``; never other ``.bin`` files (a trainer's ``training_args.bin``,
+    ``optimizer.bin`` or ``rng_state.bin`` are not weights)."""
     index = path / PICKLE_INDEX_NAME
-    if index.is_file():
-        try:
-            shards = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ScfError(f"{index}: not a valid index (no 'weight_map')") from None
-        for shard in shards:
-            if not (path / shard).is_file():
-                raise ScfError(f"{index}: names shard {shard!r}, which does not exist in {path}")
-        return [path / shard for shard in shards]
-    return sorted(path.glob("*.bin"))
+    if os.path.lexists(index):
+        return [path / shard for shard in dict.fromkeys(_read_weight_map(index).values())]
+    if os.path.lexists(path / PICKLE_SINGLE_NAME):
+        return [path / PICKLE_SINGLE_NAME]
+    return sorted(path.glob("pytorch_model-*.bin"))
 
 
 def _open_safetensors(root: Path, files: list[Path]) -> Checkpoint:
@@ -349,7 +495,7 @@ def _open_safetensors(root: Path, files: list[Path]) -> Checkpoint:
     headers: dict[Path, bytes] = {}
     for file in files:
         headers[file], metas = read_header(file)
-        for name, meta in sorted(metas.items(), key=lambda item: item[1].span):
+        for name, meta in metas.items():
             if name in tensors:
                 raise ScfError(f"{file}: tensor {name!r} also appears in {tensors[name].file.name}")
             tensors[name] = meta
@@ -362,6 +508,8 @@ def _open_pickle(root: Path, files: list[Path]) -> Checkpoint:
     for file in files:
         handles[file] = state = _load_pickle(file)
         for name, tensor in state.items():
+            if name in tensors:
+                raise ScfError(f"{file}: tensor {name!r} also appears in {tensors[name].file.name}")
             tensors[name] = TensorMeta(name, file, tensor.dtype, tuple(tensor.shape))
     return Checkpoint(root, "pickle", files, tensors, {}, handles)
 
@@ -382,10 +530,11 @@ def check_free_space(directory: Path, needed_bytes: int) -> None:
     free = shutil.disk_usage(directory).free
     if free < needed_bytes * 1.01:
         raise ScfError(f"not enough free disk space in {directory}: the output needs about "
-                       f"{_human(needed_bytes)}, {_human(free)} is free")
+                       f"{human_bytes(needed_bytes)}, {human_bytes(free)} is free")
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float) -> str:
+    """A byte count for people: ``28.7 KB``, ``1.5 GB`` (decimal units)."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
             return f"{n:.1f} {unit}"
@@ -480,15 +629,20 @@ class ShardedWriter:
         if name != planned.name or tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
             got = f"{name} {tuple(tensor.shape)} {tensor.dtype}"
             raise RuntimeError(f"writer expected {planned} next, got {got}")
-        if self._handle is None:
-            self._handle = self.files[shard_i].open("wb")
-            self._handle.write(_header_bytes(self.shards[shard_i], self.metadata))
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        self._handle.write(memoryview(data.numpy()))
-        self._next += 1
-        if self._next == len(self._order) or self._order[self._next][0] != shard_i:
-            _fsync_close(self._handle)
-            self._handle = None
+        try:
+            if self._handle is None:
+                self._handle = open_output(self.files[shard_i])
+                self._handle.write(_header_bytes(self.shards[shard_i], self.metadata))
+            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            self._handle.write(memoryview(data.numpy()))
+            self._next += 1
+            if self._next == len(self._order) or self._order[self._next][0] != shard_i:
+                _fsync_close(self._handle)
+                self._handle = None
+                if self._next < len(self._order):
+                    faults.pause("between_shards")
+        except OSError as exc:
+            raise output_error(self.out_dir.parent, exc, self.files[shard_i].name) from None
 
     def finish(self) -> None:
         """Check every tensor was written and write the index when there are several shards."""
@@ -590,84 +744,37 @@ def _fsync_close(handle: Any) -> None:
     handle.close()
 
 
+def open_output(path: Path) -> BinaryIO:
+    """Create an output file for writing: the one place the merge output's files are created (the
+    seam a test replaces to simulate a full disk where no small filesystem can be mounted).
+
+    Args:
+        path: the new file (inside the temporary output directory).
+
+    Returns:
+        A binary file opened for writing.
+    """
+    return path.open("wb")
+
+
 def write_text(path: Path, text: str) -> None:
-    """Write a text file and fsync it."""
-    with path.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    """Write a text file of the output and fsync it; a failure is an `OutputError` naming the directory."""
+    try:
+        with open_output(path) as f:
+            f.write(text.encode())
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise output_error(path.parent.parent, exc, path.name) from None
 
 
 def copy_file(src: Path, dst: Path) -> None:
-    """Copy a file and fsync the copy."""
-    shutil.copyfile(src, dst)
-    with dst.open("rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    """Copy a file into the output and fsync the copy; a failure to write is an `OutputError`."""
+    data = src.read_bytes()  # config and tokenizer files: small
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class AtomicDir:
-    """A directory that appears at its destination in one rename, complete or not at all.
-
-    Files are written into a temporary sibling ``.<name>.scf-tmp-<pid>`` (same filesystem);
-    on success it is fsynced and renamed to the destination. On an exception it is removed;
-    if the process is killed, the next `AtomicDir` for the same destination removes it (its
-    pid is no longer running). With ``overwrite``, an existing destination is moved aside just
-    before the rename and deleted after.
-    """
-
-    def __init__(self, dest: Path, *, overwrite: bool = False) -> None:
-        """Prepare (nothing is created until the context is entered).
-
-        Args:
-            dest: the final directory.
-            overwrite: replace an existing ``dest``.
-        """
-        self.dest = dest.absolute()
-        self.overwrite = overwrite
-        self.tmp = self.dest.parent / f".{self.dest.name}.scf-tmp-{os.getpid()}"
-
-    def __enter__(self) -> Path:
-        self.remove_stale()
-        self.dest.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir()
-        return self.tmp
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        _fsync_dir(self.tmp)
-        old = None
-        if self.dest.exists():
-            if not self.overwrite:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                raise ScfError(f"output directory {self.dest} appeared during the merge; pass --overwrite")
-            old = self.dest.parent / f".{self.dest.name}.scf-old-{os.getpid()}"
-            self.dest.rename(old)
-        self.tmp.rename(self.dest)
-        _fsync_dir(self.dest.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def remove_stale(self) -> None:
-        """Delete temporary siblings of this destination left by processes that no longer run."""
-        if not self.dest.parent.is_dir():
-            return
-        for kind in ("tmp", "old"):
-            for stale in self.dest.parent.glob(f".{self.dest.name}.scf-{kind}-*"):
-                pid = stale.name.rsplit("-", 1)[-1]
-                if not pid.isdigit() or (int(pid) != os.getpid() and psutil.pid_exists(int(pid))):
-                    continue
-                if kind == "old" and not self.dest.exists():
-                    stale.rename(self.dest)  # killed mid-overwrite: put the previous output back
-                    continue
-                with contextlib.suppress(OSError):
-                    shutil.rmtree(stale)
+        with open_output(dst) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise output_error(dst.parent.parent, exc, dst.name) from None

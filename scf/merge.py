@@ -14,8 +14,6 @@ import hashlib
 import json
 import math
 import queue
-import resource
-import sys
 import threading
 import time
 from collections import deque
@@ -30,9 +28,9 @@ from tqdm import tqdm
 
 import scf
 from scf import diagnostics as diag
+from scf import faults
 from scf.errors import ScfError
 from scf.io import (
-    AtomicDir,
     BackgroundWriter,
     Checkpoint,
     OutputTensor,
@@ -42,12 +40,14 @@ from scf.io import (
     open_checkpoint,
     write_text,
 )
+from scf.memory import check_working_memory
 from scf.methods.base import TensorInputs, Workspace
 from scf.methods.registry import MethodSpec, get_method, validate_params
+from scf.outdir import REPORT_NAME, AtomicDir, check_not_an_input, check_output_dir, existing_ancestor
+from scf.rss import peak_rss_bytes
 from scf.sources import ResolvedSource, resolve_source
 from scf.spec import MergeSpec
 
-REPORT_NAME = "merge_report.json"
 CONFIG_NAME = "merge_config.yaml"
 _CHUNK = 2**22  # elements per chunk when comparing fused values with the inputs (4 MB masks)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -67,6 +67,7 @@ class MergePlan:
         outputs: output tensors in write order (base's file and offset order).
         device: the compute device.
         diagnosed: names of the matrices to diagnose (empty unless ``spec.diagnostics``).
+        dest: the absolute output directory, checked safe to write.
     """
 
     spec: MergeSpec
@@ -78,6 +79,7 @@ class MergePlan:
     outputs: list[OutputTensor]
     device: torch.device
     diagnosed: set[str]
+    dest: Path
 
     @property
     def n_secondaries(self) -> int:
@@ -90,23 +92,25 @@ class MergePlan:
         return self.spec.reference is not None
 
 
-def merge(spec: MergeSpec, out: Path, *, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+def merge(spec: MergeSpec, out: str | Path, *, overwrite: bool = False,
+          progress: bool = True) -> dict[str, Any]:
     """Merge the spec's models into ``out``, atomically.
 
     Args:
         spec: what to merge and how.
         out: the output directory; it appears complete (safetensors shards + index, the base's
             config and tokenizer files, ``merge_report.json``, ``merge_config.yaml``) or not at all.
-        overwrite: replace an existing ``out``.
+        overwrite: replace an existing ``out`` that is an earlier merge output.
         progress: show a progress bar (one step per tensor) on stderr.
 
     Returns:
         The merge report (also written to ``out/merge_report.json``).
 
     Raises:
-        ScfError: bad input (missing or corrupted model, mismatched tensors or architectures,
-            NaN/Inf in an input, unknown method or parameter, existing output, too little disk
-            space); nothing is left at ``out``.
+        ScfError: bad input (missing or corrupted model, mismatched tensors, dtypes or
+            architectures, NaN/Inf in an input or in the output dtype, unknown method or parameter,
+            an unsafe or existing output, too little disk space or memory) or a failed write (disk
+            full, read-only filesystem); nothing is left at ``out``.
 
     Example:
         >>> spec = MergeSpec(base="org/base", secondary=["org/math"], method="scf_rkl")
@@ -114,9 +118,10 @@ def merge(spec: MergeSpec, out: Path, *, overwrite: bool = False, progress: bool
         >>> report["totals"]["fraction_from"]
     """
     started = time.perf_counter()
-    plan = plan_merge(spec, Path(out), overwrite=overwrite)
+    plan = plan_merge(spec, out, overwrite=overwrite)
     try:
-        with AtomicDir(Path(out), overwrite=overwrite) as tmp:
+        with AtomicDir(plan.dest, overwrite=overwrite) as tmp:
+            faults.pause("before_first_shard")
             report = _execute(plan, tmp, progress)
             _copy_aux_files(plan.checkpoints[0], tmp, plan.spec.dtype)
             report["timings"]["total_seconds"] = time.perf_counter() - started
@@ -156,7 +161,7 @@ def merge_fingerprint(spec: MergeSpec) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def plan_merge(spec: MergeSpec, out: Path, *, overwrite: bool = False) -> MergePlan:
+def plan_merge(spec: MergeSpec, out: str | Path, *, overwrite: bool = False) -> MergePlan:
     """Validate a merge completely without writing anything.
 
     Args:
@@ -175,19 +180,24 @@ def plan_merge(spec: MergeSpec, out: Path, *, overwrite: bool = False) -> MergeP
         raise ScfError(f"method {spec.method!r} works on task vectors (model - reference) and needs a "
                        f"reference model (the common ancestor, mergekit's base_model): pass --reference")
     params = validate_params(spec.method, spec.params, 1 + len(spec.secondary))
-    if out.exists() and not (overwrite and out.is_dir()):
-        raise ScfError(f"output directory {out} already exists; pass --overwrite to replace it")
+    local_inputs = {label: [Path(ref).expanduser()] for label, ref in _labelled_refs(spec)
+                    if Path(ref).expanduser().exists()}
+    dest = check_output_dir(out, overwrite=overwrite, inputs=local_inputs)  # before any download
     device = resolve_device(spec.device)
     sources = _resolve_all(spec)
-    labels = ["base", *(f"secondary[{i}]" for i in range(len(spec.secondary)))]
-    labels += ["reference"] if spec.reference is not None else []
-    checkpoints = [open_checkpoint(s.path, allow_pickle=spec.allow_pickle) for s in sources]
+    labels = [label for label, _ in _labelled_refs(spec)]
+    checkpoints = []
     try:
+        for source in sources:
+            checkpoints.append(open_checkpoint(source.path, allow_pickle=spec.allow_pickle))
+        check_not_an_input(dest, {label: [source.path, *checkpoint.files] for label, source, checkpoint
+                                  in zip(labels, sources, checkpoints, strict=True)})
         _check_architectures(checkpoints, labels)
         _check_tensors(checkpoints, labels)
         outputs = [OutputTensor(m.name, m.shape, _output_dtype(m.dtype, spec.dtype))
                    for m in checkpoints[0].tensors.values()]
-        check_free_space(_existing_ancestor(out), sum(t.nbytes for t in outputs) + 2**20)
+        _check_memory(method, checkpoints, device)
+        check_free_space(existing_ancestor(dest), sum(t.nbytes for t in outputs) + 2**20)
     except BaseException:
         for checkpoint in checkpoints:
             checkpoint.close()
@@ -196,7 +206,7 @@ def plan_merge(spec: MergeSpec, out: Path, *, overwrite: bool = False) -> MergeP
     if spec.diagnostics:
         shapes = {t.name: t.shape for t in outputs if t.dtype.is_floating_point}
         diagnosed = set(diag.select_matrices(shapes, spec.diagnostic_layers))
-    return MergePlan(spec, method, params, sources, labels, checkpoints, outputs, device, diagnosed)
+    return MergePlan(spec, method, params, sources, labels, checkpoints, outputs, device, diagnosed, dest)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -214,29 +224,30 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far, in bytes."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
-
-
 def resolved_spec(plan: MergePlan) -> dict[str, Any]:
     """The spec that reproduces this merge: pinned inputs, parameters with defaults filled."""
     pinned = [s.pinned_ref() for s in plan.sources]
-    return plan.spec.model_copy(update={
+    resolved = plan.spec.model_copy(update={
         "base": pinned[0],
         "secondary": pinned[1: 1 + plan.n_secondaries],
         "reference": pinned[-1] if plan.has_reference else None,
         "params": plan.params.model_dump(mode="json"),
     }).model_dump(mode="json")
+    first = ("base", "secondary", "reference", "method", "params")  # inputs first, for the reader
+    return {key: resolved[key] for key in first} | resolved
 
 
 # ------------------------------------------------------------------------------------ validation
 
 
+def _labelled_refs(spec: MergeSpec) -> list[tuple[str, str]]:
+    """``(label, ref)`` of every input: ``base``, ``secondary[i]``, then ``reference`` if any."""
+    refs = [("base", spec.base), *((f"secondary[{i}]", ref) for i, ref in enumerate(spec.secondary))]
+    return refs + ([("reference", spec.reference)] if spec.reference is not None else [])
+
+
 def _resolve_all(spec: MergeSpec) -> list[ResolvedSource]:
-    refs = [spec.base, *spec.secondary] + ([spec.reference] if spec.reference is not None else [])
-    return [resolve_source(ref, allow_pickle=spec.allow_pickle) for ref in refs]
+    return [resolve_source(ref, allow_pickle=spec.allow_pickle) for _, ref in _labelled_refs(spec)]
 
 
 def _check_architectures(checkpoints: list[Checkpoint], labels: list[str]) -> None:
@@ -256,8 +267,26 @@ def _check_architectures(checkpoints: list[Checkpoint], labels: list[str]) -> No
                     f"({checkpoint.root / 'config.json'})")
 
 
+def _dtype_kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    return "float" if dtype.is_floating_point else "integer"
+
+
+_FLOAT8 = {torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+
+
 def _check_tensors(checkpoints: list[Checkpoint], labels: list[str]) -> None:
-    """Every input must hold exactly the base's tensor names, with the base's shapes."""
+    """Every input must hold exactly the base's tensor names, with the base's shapes and dtype kinds
+    (float, integer or bool: a float tensor merged with an integer one would be nonsense; float
+    precisions may differ), and no float8 tensor."""
+    for checkpoint, label in zip(checkpoints, labels, strict=True):
+        for meta in checkpoint.tensors.values():
+            if meta.dtype in _FLOAT8:
+                raise ScfError(
+                    f"tensor {meta.name!r} of {label} ({meta.file}) is float8 ({_FLOAT8[meta.dtype]}): "
+                    f"float8 weights are quantized, with their scales in other tensors, and cannot be merged "
+                    f"value by value; dequantize the checkpoint (to bfloat16) first")
     base = checkpoints[0]
     for checkpoint, label in zip(checkpoints[1:], labels[1:], strict=True):
         for names, present, absent in (
@@ -270,10 +299,29 @@ def _check_tensors(checkpoints: list[Checkpoint], labels: list[str]) -> None:
                 raise ScfError(f"tensor {shown}{more} present in {present[0]} ({present[1].root}) "
                                f"but not in {absent[0]} ({absent[1].root})")
         for name, meta in base.tensors.items():
-            other = checkpoint.tensors[name].shape
-            if other != meta.shape:
+            other = checkpoint.tensors[name]
+            if other.shape != meta.shape:
                 raise ScfError(f"tensor {name!r}: shape mismatch: base has {list(meta.shape)}, "
-                               f"{label} has {list(other)}")
+                               f"{label} has {list(other.shape)}")
+            if _dtype_kind(other.dtype) != _dtype_kind(meta.dtype):
+                raise ScfError(f"tensor {name!r}: dtype mismatch: base has {_dtype_name(meta.dtype)} "
+                               f"({_dtype_kind(meta.dtype)}), {label} has {_dtype_name(other.dtype)} "
+                               f"({_dtype_kind(other.dtype)}); only float tensors of any precision can be "
+                               f"merged with each other")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_memory(method: MethodSpec, checkpoints: list[Checkpoint], device: torch.device) -> None:
+    """The out-of-memory guard (`scf.memory`) for the largest float tensor: integer ones are copied."""
+    floats = [m for m in checkpoints[0].tensors.values() if m.dtype.is_floating_point]
+    if not floats:
+        return
+    largest = max(floats, key=lambda m: m.numel)
+    moved = sum(c.tensors[largest.name].dtype.itemsize if method.stored_dtype else 4 for c in checkpoints)
+    check_working_memory(method.name, largest.name, largest.numel, moved, device)
 
 
 def _output_dtype(base_dtype: torch.dtype, requested: str) -> torch.dtype:
@@ -281,13 +329,6 @@ def _output_dtype(base_dtype: torch.dtype, requested: str) -> torch.dtype:
     if requested == "auto" or not base_dtype.is_floating_point:
         return base_dtype
     return _DTYPES[requested]
-
-
-def _existing_ancestor(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists():
-        path = path.parent
-    return path
 
 
 # ------------------------------------------------------------------------------------- execution
@@ -405,8 +446,7 @@ def _merge_tensor(plan: MergePlan, output: OutputTensor, tensors: list[torch.Ten
         method_inputs = TensorInputs(name, models[0], models[1:], reference, generator, workspace,
                                      out_dtype=output.dtype)
         fused = plan.method.fn(method_inputs, plan.params)
-        _check_fused(fused, output, plan.spec.method)
-        fused = fused.to(output.dtype)
+        fused = _check_fused(fused, output, plan.spec.method)
         fractions = fraction_from(fused, models)
         if name in plan.diagnosed:  # None marks a matrix too large to diagnose cheaply
             too_large = fused.numel() > diag.MAX_ELEMENTS
@@ -439,13 +479,19 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
-def _check_fused(fused: torch.Tensor, output: OutputTensor, method: str) -> None:
-    """A method must return base's shape and finite values."""
+def _check_fused(fused: torch.Tensor, output: OutputTensor, method: str) -> torch.Tensor:
+    """A method's result in the output dtype; it must have base's shape and be finite AFTER the cast
+    (a finite float32 value beyond float16's range becomes Inf)."""
     if tuple(fused.shape) != output.shape:
         raise ScfError(f"method {method!r} returned shape {list(fused.shape)} for tensor {output.name!r}, "
                        f"expected {list(output.shape)}")
+    fused = fused.to(output.dtype)
     if not all_finite(fused):
-        raise ScfError(f"method {method!r} produced NaN/Inf for tensor {output.name!r}; check its params")
+        dtype = _dtype_name(output.dtype)
+        raise ScfError(f"tensor {output.name!r}: the merged values hold NaN/Inf in the output dtype {dtype} "
+                       f"(method {method!r}; a value beyond {dtype}'s range becomes Inf): check the method's "
+                       f"params, or choose a wider --dtype (bfloat16 or float32)")
+    return fused
 
 
 def fraction_from(fused: torch.Tensor, models: list[torch.Tensor]) -> dict[str, float]:
@@ -539,7 +585,7 @@ def _copy_aux_files(base: Checkpoint, out_dir: Path, dtype: str) -> None:
     """Copy the base's config and tokenizer files; config.json's dtype follows an explicit ``--dtype``."""
     for path in base.aux_files():
         if path.name == "config.json" and dtype != "auto":
-            config = json.loads(path.read_text())
+            config = base.config()  # a JSON object: checked when the merge was planned
             keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
             config |= dict.fromkeys(keys, dtype)
             write_text(out_dir / path.name, json.dumps(config, indent=2) + "\n")

@@ -7,10 +7,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from scf.errors import ScfError
+from scf.errors import ScfError, short_repr
+from scf.yamlsafe import load_yaml
 
 _SIZE_UNITS = {
     "": 1,
@@ -40,53 +40,40 @@ def parse_size(text: str | int) -> int:
     Raises:
         ValueError: the text is not a size; the message says what is accepted.
     """
-    if isinstance(text, int):
+    if isinstance(text, int) and not isinstance(text, bool):
         size = text
     else:
-        match = _SIZE_RE.match(str(text))
+        match = _SIZE_RE.match(text) if isinstance(text, str) else None
         unit = match.group(2).upper() if match else None
         if match is None or unit not in _SIZE_UNITS:
-            raise ValueError(f"{text!r} is not a size; write e.g. 5GB, 500MB, 2GiB or a number of bytes")
+            raise ValueError(f"{short_repr(text)} is not a size; write e.g. 5GB, 500MB, 2GiB or a number "
+                             f"of bytes")
         size = int(float(match.group(1)) * _SIZE_UNITS[unit])
     if size < 1:
-        raise ValueError(f"{text!r} must be at least 1 byte")
+        raise ValueError(f"{short_repr(text)} must be at least 1 byte")
     return size
 
 
-class MergeSpec(BaseModel):
-    """One merge: inputs, method, parameters and output settings.
+class EngineSettings(BaseModel):
+    """How a merge runs and what it writes, independent of its inputs and method.
+
+    The one definition of these settings: `MergeSpec` extends it, and so does the pipeline config's
+    ``merge:`` section (``tasks.config.MergeSettings``), so both validate them the same way.
 
     Attributes:
-        base: the base model: a local directory, a ``.safetensors`` file, or a hub id
-            ``org/name[@revision]``. Its dtype, config and tokenizer go to the output.
-        secondary: one or more models fused into the base (same sources as ``base``).
-        reference: the common ancestor, required by task-vector methods (mergekit's ``base_model``).
-        method: a name from ``scf methods``.
-        params: the method's parameters; missing ones take the method's defaults.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         dtype: output dtype; ``auto`` keeps each tensor's base dtype.
-        seed: seeds the per-tensor generators of sampling methods (DARE).
-        shard_size: largest output shard, e.g. ``5GB`` or ``500MiB``.
-        diagnostics: compute spectral shift and principal angles for ``diagnostic_layers``.
-        diagnostic_layers: glob patterns of 2-D tensor names to diagnose; empty picks a few
-            evenly spaced layers' attention and MLP weights.
-        allow_pickle: accept pickled ``.bin`` weights (loaded with ``weights_only=True``).
+        seed: seeds the per-tensor generators of sampling methods (DARE); any integer (it is hashed
+            with the tensor name).
+        shard_size: largest output shard, e.g. ``5GB`` or ``500MiB``; at least 1 byte.
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    base: str
-    secondary: list[str] = Field(min_length=1)
-    reference: str | None = None
-    method: str = "scf_rkl"
-    params: dict[str, Any] = {}
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     seed: int = 0
     shard_size: str = "5GB"
-    diagnostics: bool = False
-    diagnostic_layers: list[str] = []
-    allow_pickle: bool = False
 
     @field_validator("shard_size", mode="before")
     @classmethod
@@ -98,6 +85,32 @@ class MergeSpec(BaseModel):
     def shard_size_bytes(self) -> int:
         """``shard_size`` in bytes."""
         return parse_size(self.shard_size)
+
+
+class MergeSpec(EngineSettings):
+    """One merge: inputs, method, parameters and output settings (the `EngineSettings` fields too).
+
+    Attributes:
+        base: the base model: a local directory, a ``.safetensors`` file, or a hub id
+            ``org/name[@revision]``. Its dtype, config and tokenizer go to the output.
+        secondary: one or more models fused into the base (same sources as ``base``).
+        reference: the common ancestor, required by task-vector methods (mergekit's ``base_model``).
+        method: a name from ``scf methods``.
+        params: the method's parameters; missing ones take the method's defaults.
+        diagnostics: compute spectral shift and principal angles for ``diagnostic_layers``.
+        diagnostic_layers: glob patterns of 2-D tensor names to diagnose; empty picks a few
+            evenly spaced layers' attention and MLP weights.
+        allow_pickle: accept pickled ``.bin`` weights (loaded with ``weights_only=True``).
+    """
+
+    base: str
+    secondary: list[str] = Field(min_length=1)
+    reference: str | None = None
+    method: str = "scf_rkl"
+    params: dict[str, Any] = {}
+    diagnostics: bool = False
+    diagnostic_layers: list[str] = []
+    allow_pickle: bool = False
 
 
 def spec_from_mapping(data: Mapping[str, Any], origin: str) -> MergeSpec:
@@ -119,7 +132,8 @@ def spec_from_mapping(data: Mapping[str, Any], origin: str) -> MergeSpec:
         problems = []
         for err in exc.errors():
             key = ".".join(str(part) for part in err["loc"]) or "(top level)"
-            what = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            message = err["msg"].removeprefix("Value error, ")
+            what = "unknown key" if err["type"] == "extra_forbidden" else message
             problems.append(f"{key}: {what}")
         raise ScfError(f"merge spec from {origin}: " + "; ".join(problems)) from None
 
@@ -139,9 +153,10 @@ def load_spec_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ScfError(f"merge config {path}: no such file")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ScfError(f"merge config {path}: not valid YAML ({exc})") from None
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ScfError(f"merge config {path}: cannot read it ({exc})") from None
+    data = load_yaml(text, f"merge config {path}")
     if not isinstance(data, dict):
         kind = type(data).__name__
         raise ScfError(f"merge config {path}: expected a mapping of MergeSpec fields, got {kind}")

@@ -24,12 +24,13 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evals.spec import EvalSpec
 from scf.errors import ScfError
 from scf.methods.registry import get_method, validate_params
+from scf.spec import EngineSettings
+from scf.yamlsafe import load_yaml
 from tasks.errors import PipelineError
 from tasks.gate import GatePolicy
 
@@ -91,19 +92,15 @@ class CandidateGrid(BaseModel):
         return grid
 
 
-class MergeSettings(BaseModel):
-    """Engine settings shared by every candidate (see ``scf.spec.MergeSpec``).
+class MergeSettings(EngineSettings):
+    """Engine settings shared by every candidate: ``scf.spec.EngineSettings`` (device, dtype, seed,
+    shard_size, validated exactly as ``scf merge`` validates them) plus how the pipeline runs a merge.
 
     Attributes:
         timeout_s: a merge still running after this many seconds is killed and its candidate
             recorded ``failed`` (default 6 h: a 70B merge on a slow disk takes about one).
     """
 
-    model_config = ConfigDict(extra="forbid")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    seed: int = 0
-    shard_size: str = "5GB"
     timeout_s: float = Field(6 * 3600, gt=0)
 
     def engine_settings(self) -> dict[str, Any]:
@@ -344,19 +341,21 @@ def load_config(path: str | Path, **overrides: Any) -> PipelineConfig:
     """
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text()
     except OSError as err:
         raise PipelineError(f"cannot read config {path}: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise PipelineError(f"{path}: invalid YAML: {err}") from None
+    try:  # bounded: a YAML alias bomb is refused, not expanded (see scf.yamlsafe)
+        raw = load_yaml(text, str(path))
+    except ScfError as err:
+        raise PipelineError(str(err)) from None
     if not isinstance(raw, dict):
         raise PipelineError(f"{path}: the top level must be a mapping (name, sources, candidates, ...)")
     raw.update({key: value for key, value in overrides.items() if value is not None})
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as err:
-        problems = "\n  ".join(_describe(error) for error in err.errors())
-        raise PipelineError(f"{path}: invalid config:\n  {problems}") from None
+        problems = "; ".join(_describe(error) for error in err.errors())
+        raise PipelineError(f"{path}: invalid config: {problems}") from None
 
 
 def _describe(error: dict) -> str:

@@ -191,12 +191,13 @@ def test_report_and_resolved_config_reproduce_the_merge(pair: tuple[Path, list[P
 def test_overwrite_replaces_the_whole_directory(pair: tuple[Path, list[Path]], tmp_path: Path) -> None:
     base, secs = pair
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
     spec = MergeSpec(base=str(base), secondary=[str(secs[0])], method="linear")
-    merge(spec, out, overwrite=True, progress=False)
-    assert not (out / "stale.txt").exists() and (out / "merge_report.json").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp siblings left
+    merge(spec, out, progress=False)  # an earlier merge output (it has merge_report.json) ...
+    (out / "stale.txt").write_text("old")  # ... with a file added since
+    merge(spec.model_copy(update={"params": {"weight": [0.3, 0.7]}}), out, overwrite=True, progress=False)
+    assert not (out / "stale.txt").exists()
+    assert json.loads((out / "merge_report.json").read_text())["params"]["weight"] == [0.3, 0.7]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp siblings or lock files left
 
 
 def test_pickled_input_with_allow_pickle(pair: tuple[Path, list[Path]], tmp_path: Path) -> None:
