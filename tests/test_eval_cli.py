@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -10,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from evals import toytasks
-from evals.spec import EvalReport
-from evals.suites import SUITES, toy_safety_prompts
+from evals.catalog import SUITES
+from evals.spec import EvalReport, GenParams
+from evals.suites import toy_safety_prompts
 from evals.zoo import save_untrained
 from flows.cli import main
 
@@ -43,7 +45,7 @@ def test_toy_eval_writes_one_json_report(untrained, tmp_path, capsys):
         ("toy_strings", "exact_match", 2),
     ]
     # The suite's decoding, with the one flag given overriding it.
-    assert report.gen_params == SUITES["toy"].default_gen.model_copy(update={"max_new_tokens": 8})
+    assert report.gen_params == GenParams(**{**SUITES["toy"].default_gen, "max_new_tokens": 8})
     assert report.spec.gen == report.gen_params
     assert all(len(s.token_ids) <= 8 for s in report.samples)
     assert report.eos_token_ids == [2]
@@ -135,7 +137,7 @@ def test_spec_takes_the_suites_decoding_unless_given():
 
     from evals.spec import EvalSpec, GenParams
 
-    assert EvalSpec(suite="toy").gen == SUITES["toy"].default_gen
+    assert EvalSpec(suite="toy").gen == GenParams(**SUITES["toy"].default_gen)
     assert EvalSpec(suite="toy").gen.max_new_tokens == toytasks.MAX_NEW_TOKENS
     assert EvalSpec(suite="reasoning").gen.max_new_tokens == 1024
     assert EvalSpec(gen=GenParams(max_new_tokens=5)).gen.max_new_tokens == 5
@@ -178,3 +180,20 @@ def test_judge_model_decides_refusals(untrained, tmp_path):
     assert report.safety.judge == "model:transformers"
     assert report.safety.n_harmful == 2 and report.safety.over_refusal_rate is None
     assert report.safety.refusal_rate == sum(s.refused for s in report.samples) / 2
+
+
+def test_registering_the_eval_commands_imports_nothing_heavy():
+    """`scf --help` must start fast: evals.cli.register touches only the suite table and backend names."""
+    import subprocess
+
+    probe = (
+        "import argparse, sys\n"
+        "from evals import cli\n"
+        "cli.register(argparse.ArgumentParser().add_subparsers())\n"
+        "heavy = ('torch', 'transformers', 'lm_eval', 'pydantic', 'numpy', 'datasets', 'yaml')\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & set(heavy)))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
