@@ -162,7 +162,9 @@ def _describe(err) -> str:
         field = loc[-1] if loc else "?"
         if loc[:1] == ["vllm"] and len(loc) > 1:  # engine flags; a union's member names its type last
             field = "vllm-batch-size" if loc[1] == "batch_size" else loc[1]
-        problems.append(f"--{field.replace('_', '-')}: {error['msg']}")
+        message = error["msg"].removeprefix("Value error, ")
+        # An empty loc: a check across fields of the whole spec, whose message names them.
+        problems.append(f"--{field.replace('_', '-')}: {message}" if loc else message)
     return "bad eval settings: " + "; ".join(problems)
 
 

@@ -169,6 +169,17 @@ class EvalSpec(BaseModel):
             data = {**data, "gen": GenParams(**suite.default_gen)}
         return data
 
+    @model_validator(mode="after")
+    def _generation_fits_the_engine(self) -> EvalSpec:
+        """A vLLM engine whose max_model_len cannot hold max_new_tokens would fail every request."""
+        limit = self.vllm.max_model_len
+        if self.backend == "vllm" and limit is not None and limit <= self.gen.max_new_tokens:
+            raise ValueError(
+                f"vllm.max_model_len ({limit}) must exceed gen.max_new_tokens ({self.gen.max_new_tokens}): "
+                "it holds the prompt plus the generation"
+            )
+        return self
+
 
 class BenchmarkScore(BaseModel):
     """One metric of one benchmark. Its stable name downstream is `<benchmark>.<metric>`."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import pytest
 
 from evals import toytasks
 from evals.catalog import SUITES
+from evals.cli import register
 from evals.spec import EvalReport, GenParams
 from evals.suites import toy_safety_prompts
 from evals.zoo import save_untrained
@@ -145,6 +147,54 @@ def test_spec_takes_the_suites_decoding_unless_given():
     assert EvalSpec.model_validate_json(spec.model_dump_json()) == spec
     with pytest.raises(ValidationError, match="unknown suite 'nope'; known suites: toy"):
         EvalSpec(suite="nope")
+    with pytest.raises(
+        ValidationError, match=r"vllm.max_model_len \(1024\) must exceed gen.max_new_tokens \(4096\)"
+    ):
+        EvalSpec(suite="paper", backend="vllm", vllm={"max_model_len": 1024})
+    assert EvalSpec(suite="paper", vllm={"max_model_len": 1024}).backend == "transformers"  # not used there
+
+
+def test_engine_flags_build_the_vllm_settings(untrained, capsys):
+    from evals.cli import build_spec
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(
+        [
+            "eval",
+            str(untrained),
+            "--backend",
+            "vllm",
+            "--max-model-len",
+            "4096",
+            "--enforce-eager",
+            "--gpu-memory-utilization",
+            "0.8",
+            "--vllm-batch-size",
+            "16",
+            "--trust-remote-code",
+        ]
+    )
+    spec = build_spec(args)
+    assert spec.vllm.model_dump() == {
+        "tensor_parallel_size": 1,
+        "gpu_memory_utilization": 0.8,
+        "max_model_len": 4096,
+        "enforce_eager": True,
+        "max_num_seqs": 256,
+        "batch_size": 16,
+    }
+    assert spec.trust_remote_code is True and spec.allow_pickle is False
+    assert main(["eval", str(untrained), "--backend", "vllm", "--gpu-memory-utilization", "1.5"]) == 2
+    assert "--gpu-memory-utilization: Input should be less than or equal to 1" in _error(capsys)
+    assert main(["eval", str(untrained), "--backend", "vllm", "--vllm-batch-size", "many"]) == 2
+    assert "--vllm-batch-size" in _error(capsys)
+    too_short = ["--suite", "paper", "--backend", "vllm", "--max-model-len", "64"]
+    assert main(["eval", str(untrained), *too_short]) == 2
+    assert _error(capsys) == (
+        "error: bad eval settings: vllm.max_model_len (64) must exceed gen.max_new_tokens (4096): "
+        "it holds the prompt plus the generation\n"
+    )
 
 
 def test_scf_eval_on_a_zoo_specialist_gives_its_card_scores(tiny_zoo, tmp_path):
