@@ -10,7 +10,7 @@ from the base, as random bf16 tensors with the exact tensor names and shapes of
    sharded output (same per-tensor streaming pattern as a merge, no compute), once for two inputs
    (base + secondary) and once for three (+ reference), before and after the merges;
 2. each method: ``scf.merge.merge`` in a fresh subprocess, timing the call and reading the
-   subprocess's peak RSS;
+   subprocess's peak RSS (and, on a GPU, its peak of GPU memory allocated by torch);
 3. with ``--mergekit``: mergekit (installed into its own virtualenv, never a project dependency)
    on the same inputs for the methods it shares with us, its time, and the per-tensor difference
    between its output and ours.
@@ -457,6 +457,8 @@ def child_main(job_json: str) -> int:
         result = RunResult(wall_s=time.perf_counter() - start, peak_rss_bytes=peak_rss_bytes())
         result.extra = {"timings": report.get("timings", {}), "totals": report.get("totals", {})}
         result.extra |= sampler.stop()
+        if torch.cuda.is_initialized():  # the merge ran on a GPU: its peak of allocated memory
+            result.extra["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     except Exception as exc:  # reported in the table; the benchmark goes on with the next method
         result = RunResult(error=f"{type(exc).__name__}: {exc}")
     print(RESULT_PREFIX + json.dumps(asdict(result)), flush=True)
@@ -829,20 +831,20 @@ def format_report(results: dict) -> str:
     lines += [
         "",
         "| method | inputs | wall s | x I/O floor | peak RSS | RSS / largest fp32 "
-        "| peak anon / file-backed | read / compute / write s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| peak anon / file-backed | read / compute / write s | peak GPU |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
         ours = row["ours"]
         if ours["error"]:
-            failed = f"| {row['method']} | {row['n_inputs']} |" + " - |" * 5
+            failed = f"| {row['method']} | {row['n_inputs']} |" + " - |" * 6
             lines.append(f"{failed} {ours['error'][:120]} |")
             continue
         lines.append(
             f"| {row['method']} | {row['n_inputs']} | {ours['wall_s']:.2f} | "
             f"{ours['wall_s'] / floor[row['n_inputs']]:.2f} | {_gb(ours['peak_rss_bytes'])} | "
             f"{ours['peak_rss_bytes'] / largest:.2f} | {_fmt_rss_split(ours['extra'])} | "
-            f"{_fmt_split(ours['extra'].get('timings', {}))} |"
+            f"{_fmt_split(ours['extra'].get('timings', {}))} | {_fmt_gpu(ours['extra'])} |"
         )
     mk_rows = [row for row in results["rows"] if row["mergekit"] is not None]
     if mk_rows:
@@ -881,6 +883,11 @@ def _fmt_rss_split(extra: dict) -> str:
     if not extra.get("peak_anon_bytes"):
         return "-"
     return f"{_gb(extra['peak_anon_bytes'])} / {_gb(extra['peak_file_bytes'])}"
+
+
+def _fmt_gpu(extra: dict) -> str:
+    """Peak GPU memory allocated by torch in the merge process (`-` for a CPU merge)."""
+    return _gb(extra["peak_gpu_bytes"]) if "peak_gpu_bytes" in extra else "-"
 
 
 def _fmt_split(timings: dict) -> str:

@@ -1,11 +1,13 @@
-"""`scf eval` and `scf zoo build`: the evaluation library's subcommands."""
+"""`scf eval` and `scf zoo build`: the evaluation library's subcommands.
+
+`register` imports only cheap modules (the suite table, the backend names): `scf --help` never
+loads torch, transformers, pydantic or lm-eval. The handlers import what they run.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
-from pydantic import ValidationError
 
 from evals.errors import EvalError
 
@@ -22,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _register_eval(subparsers: argparse._SubParsersAction) -> None:
     from evals.backends import BACKENDS
-    from evals.suites import SUITES
+    from evals.catalog import SUITES
 
     parser = subparsers.add_parser(
         "eval",
@@ -58,9 +60,26 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--no-samples", action="store_true", help="leave per-sample generations out")
     parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="load pickled .bin weights when there are no safetensors (unpickling can run code)",
+    )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let the model's own Python code run (transformers/vLLM auto_map); logged when on",
+    )
+    engine = parser.add_argument_group("vLLM engine (--backend vllm; default: see docs/evaluation.md)")
+    engine.add_argument("--tensor-parallel-size", type=int, help="GPUs per model (default 1)")
+    engine.add_argument("--gpu-memory-utilization", type=float, help="share of GPU memory (default 0.9)")
+    engine.add_argument("--max-model-len", type=int, help="prompt + generation tokens (default: the model's)")
+    engine.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs")
+    engine.add_argument("--max-num-seqs", type=int, help="sequences decoded at once (default 256)")
+    engine.add_argument("--vllm-batch-size", help="requests per engine call, or 'auto' (default: auto)")
+    parser.add_argument(
         "--spec",
         type=Path,
-        help="a JSON file holding a whole EvalSpec (what the pipeline runs); replaces every flag above",
+        help="a JSON file holding a whole EvalSpec (what the pipeline runs); replaces the flags above",
     )
     parser.add_argument("--out", type=Path, help="write the JSON report here")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -95,8 +114,10 @@ def build_spec(args: argparse.Namespace):
     Raises:
         EvalError: unknown suite, or a flag value out of range (named).
     """
-    from evals.spec import EvalSpec
-    from evals.suites import get_suite
+    from pydantic import ValidationError
+
+    from evals.catalog import get_suite
+    from evals.spec import EvalSpec, GenParams
 
     if args.spec is not None:
         return _spec_from_file(args.spec)
@@ -110,10 +131,17 @@ def build_spec(args: argparse.Namespace):
         "batch_size": args.batch_size,
         "stop": tuple(args.stop) if args.stop else None,
     }
+    batch = args.vllm_batch_size
+    engine = {
+        "tensor_parallel_size": args.tensor_parallel_size,
+        "gpu_memory_utilization": args.gpu_memory_utilization,
+        "max_model_len": args.max_model_len,
+        "enforce_eager": args.enforce_eager,
+        "max_num_seqs": args.max_num_seqs,
+        "batch_size": int(batch) if batch is not None and batch.isdigit() else batch,
+    }
     try:
-        gen = suite.default_gen.model_validate(
-            suite.default_gen.model_dump() | {k: v for k, v in overrides.items() if v is not None}
-        )
+        gen = GenParams(**(dict(suite.default_gen) | {k: v for k, v in overrides.items() if v is not None}))
         return EvalSpec(
             suite=suite.name,
             backend=args.backend,
@@ -125,6 +153,9 @@ def build_spec(args: argparse.Namespace):
             chat_template=not args.no_chat_template,
             judge=args.judge,
             keep_samples=not args.no_samples,
+            allow_pickle=args.allow_pickle,
+            trust_remote_code=args.trust_remote_code,
+            vllm={k: v for k, v in engine.items() if v is not None},
         )
     except ValidationError as err:
         raise EvalError(_describe(err)) from err
@@ -132,6 +163,8 @@ def build_spec(args: argparse.Namespace):
 
 def _spec_from_file(path: Path):
     """An EvalSpec from a JSON file (``EvalSpec.model_dump_json()``); EvalError names the file."""
+    from pydantic import ValidationError
+
     from evals.spec import EvalSpec
 
     try:
@@ -143,12 +176,17 @@ def _spec_from_file(path: Path):
         raise EvalError(f"--spec {path}: invalid EvalSpec: {problems}") from None
 
 
-def _describe(err: ValidationError) -> str:
+def _describe(err) -> str:
     """One line per bad field, named as the flag that sets it."""
     problems = []
     for error in err.errors():
-        field = str(error["loc"][-1]) if error["loc"] else "?"
-        problems.append(f"--{field.replace('_', '-')}: {error['msg']}")
+        loc = [str(part) for part in error["loc"]]
+        field = loc[-1] if loc else "?"
+        if loc[:1] == ["vllm"] and len(loc) > 1:  # engine flags; a union's member names its type last
+            field = "vllm-batch-size" if loc[1] == "batch_size" else loc[1]
+        message = error["msg"].removeprefix("Value error, ")
+        # An empty loc: a check across fields of the whole spec, whose message names them.
+        problems.append(f"--{field.replace('_', '-')}: {message}" if loc else message)
     return "bad eval settings: " + "; ".join(problems)
 
 

@@ -1,8 +1,9 @@
 """Reasoning benchmarks through lm-eval (`lm_eval.simple_evaluate`), scored for repetition too.
 
-lm-eval runs the model itself ("hf" = transformers, or "vllm") from the same model directory and
-decoding settings as our backends, with `log_samples=True`, so every generation comes back and is
-scored for repetition: one generation pass serves both. lm-eval returns text only, so the text is
+lm-eval runs on the model our backend already loaded (`Backend.lm_eval_model`: lm-eval's "hf"
+model around the transformers one, or `VLLMBackendLM` on the vLLM engine), with the same decoding
+settings and `log_samples=True`, so every generation comes back and is scored for repetition: one
+generation pass serves both. lm-eval returns text only, so the text is
 tokenized back to ids with the model's tokenizer, and a generation counts as truncated when it has
 `max_new_tokens` tokens or more.
 
@@ -111,48 +112,9 @@ def _write_task_yamls(out_dir: Path, data: dict[str, Path]) -> None:
         (out_dir / entry.name).write_text(yaml.safe_dump(config, sort_keys=False))
 
 
-def hf_lm(backend, gen: GenParams):
-    """lm-eval's "hf" model around the model and tokenizer our transformers backend already loaded.
-
-    One load serves safety and reasoning. The model's generation_config is replaced by our explicit
-    one: transformers would otherwise let a checkpoint's generation_config.json (e.g. its own
-    max_new_tokens) override what lm-eval asks for (lm-eval issue #3154).
-
-    Args:
-        backend: a loaded `TransformersBackend`.
-        gen: decoding settings.
-
-    Returns:
-        An `lm_eval.models.huggingface.HFLM`.
-    """
-    from lm_eval.models.huggingface import HFLM
-
-    _quiet_lm_eval()
-    config = backend.generation_config(gen)
-    # lm-eval passes max_length = prompt + max_gen_toks (= gen.max_new_tokens) itself; a second
-    # length setting would only make transformers warn on every batch.
-    config.max_new_tokens = None
-    backend.model.generation_config = config
-    return HFLM(pretrained=backend.model, tokenizer=backend.tokenizer, batch_size=gen.batch_size)
-
-
-def _quiet_lm_eval() -> None:
-    # lm-eval warns about our own explicit choices (gen_kwargs "from the cli", a preloaded model).
+def quiet_lm_eval() -> None:
+    """Hide lm-eval's warnings about our explicit choices (gen_kwargs "from the cli", a preloaded model)."""
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-
-
-def vllm_model_args(model_dir: Path, dtype: str, gen: GenParams) -> dict:
-    """model_args of lm-eval's "vllm" model (it starts its own engine).
-
-    Args:
-        model_dir: the model directory.
-        dtype: "auto" or a dtype name.
-        gen: decoding settings (the engine seed).
-
-    Returns:
-        The model_args dict.
-    """
-    return {"pretrained": str(model_dir), "dtype": dtype, "seed": gen.seed}
 
 
 def gen_kwargs(gen: GenParams) -> dict:
@@ -185,7 +147,6 @@ def run_lm_eval(
     chat_template: bool,
     tokenizer,
     device: str,
-    model_args: dict | None = None,
     include_path: Path | None = None,
     include_defaults: bool = True,
     unsafe_code: bool = False,
@@ -193,15 +154,14 @@ def run_lm_eval(
     """Run lm-eval on `tasks` and turn its results into scores and repetition-scored samples.
 
     Args:
-        lm: an lm-eval LM (`hf_lm(...)`) or a registered model name ("vllm") with `model_args`.
+        lm: an lm-eval LM on the loaded model (`Backend.lm_eval_model(gen)`).
         tasks: lm-eval task or group names.
         gen: decoding settings.
         limit: samples per task (None = all).
         loop: loop thresholds for the samples.
         chat_template: apply the tokenizer's chat template (when it has one).
         tokenizer: the model's tokenizer (turns generations back into ids; tells if it has a template).
-        device: resolved torch device (recorded; used by lm-eval when `lm` is a name).
-        model_args: model_args when `lm` is a name.
+        device: resolved torch device (recorded).
         include_path: extra task directory (the toy tasks).
         include_defaults: also index lm-eval's own ~thousands of tasks (slow; off for toy-only runs).
         unsafe_code: allow tasks that execute generated code (HumanEval).
@@ -215,7 +175,7 @@ def run_lm_eval(
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    _quiet_lm_eval()
+    quiet_lm_eval()
     include = str(include_path) if include_path else None
     manager = TaskManager(include_path=include, include_defaults=include_defaults)
     for task in tasks:
@@ -227,7 +187,6 @@ def run_lm_eval(
     try:
         results = lm_eval.simple_evaluate(
             model=lm,
-            model_args=model_args,
             tasks=list(tasks),
             batch_size=gen.batch_size,
             device=device,
@@ -256,8 +215,7 @@ def run_lm_eval(
     scores = [score for task in tasks for score in _scores(results, task)]
     samples = _samples(results, tasks, tokenizer, gen.max_new_tokens, loop)
     config = {
-        "model": lm if isinstance(lm, str) else "hf",
-        "model_args": model_args or {},
+        "model": type(lm).__name__,
         "device": device,
         "gen_kwargs": gen_kwargs(gen),
         "apply_chat_template": use_template,

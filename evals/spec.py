@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from evals.catalog import get_suite
+
 FinishReason = Literal["stop", "length"]
 
 
@@ -24,7 +26,8 @@ class GenParams(BaseModel):
         top_p: nucleus-sampling mass (1.0 = off); used only when sampling.
         repetition_penalty: 1.0 = off (the CTRL-style penalty of transformers and vLLM).
         seed: seeds the sampler (sampled decoding is reproducible for a seed).
-        batch_size: prompts per forward batch (transformers backend and lm-eval "hf").
+        batch_size: prompts per forward batch of the transformers backend (and of lm-eval's
+            "hf" model around it); the vLLM backend batches by `VllmSettings` instead.
         stop: extra stop strings; generation also stops at the tokenizer's EOS tokens.
             The text is cut before the first stop string.
     """
@@ -80,11 +83,40 @@ class SafetyData(BaseModel):
     files: tuple[Path, ...] = ()
 
 
+class VllmSettings(BaseModel):
+    """How the vLLM engine is built (`--backend vllm`); recorded in every report (`EvalReport.engine`).
+
+    The defaults suit a model whose bf16 weights take well under half of one GPU (a 7B/8B model on
+    an 80 GB card); `configs/paper/*.yaml` set values for 14B and 32B models.
+
+    Attributes:
+        tensor_parallel_size: GPUs one model is split over (1 = one GPU).
+        gpu_memory_utilization: share of each GPU's memory the engine may take (weights,
+            activations and KV cache); vLLM fills what is left after the weights with KV cache.
+        max_model_len: the longest sequence, prompt plus generation, in tokens; None = the model's
+            own context length from its config. It must hold a prompt plus `gen.max_new_tokens`,
+            and the KV cache must hold at least one sequence of this length.
+        enforce_eager: run without CUDA graphs (saves their memory, 1-3 GB, at some decode speed).
+        max_num_seqs: sequences decoded at once at most (vLLM's scheduler batch).
+        batch_size: requests handed to the engine per call, for lm-eval tasks and safety prompts;
+            "auto" = all at once, the scheduler batches them up to `max_num_seqs` (fastest).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    gpu_memory_utilization: float = Field(default=0.90, gt=0.0, le=1.0)
+    max_model_len: int | None = Field(default=None, ge=16)
+    enforce_eager: bool = False
+    max_num_seqs: int = Field(default=256, ge=1)
+    batch_size: int | Literal["auto"] = "auto"
+
+
 class EvalSpec(BaseModel):
     """One evaluation run: which suite, on which backend, with which decoding and thresholds.
 
     Attributes:
-        suite: a name from `evals.suites.SUITES` (e.g. "toy", "reasoning", "paper"); an unknown
+        suite: a name from `evals.catalog.SUITES` (e.g. "toy", "reasoning", "paper"); an unknown
             name is a validation error listing the known ones.
         backend: "transformers" (CPU or GPU) or "vllm" (GPU, optional extra).
         device: "auto" (CUDA when available), "cpu" or "cuda".
@@ -100,6 +132,12 @@ class EvalSpec(BaseModel):
         chat_template: apply the tokenizer's chat template when it has one.
         judge: "matcher" (the documented refusal patterns) or a model directory used as judge.
         keep_samples: store per-sample generations in the report.
+        vllm: engine settings of the vLLM backend (ignored by the transformers backend).
+        trust_remote_code: let transformers / vLLM import and run Python files that come with the
+            model (its `auto_map`). Off by default: such code runs with your permissions. When on,
+            every load logs a warning naming the model.
+        allow_pickle: load pickled `.bin` weights when a model has no safetensors. Off by default:
+            unpickling can run arbitrary code.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -116,19 +154,31 @@ class EvalSpec(BaseModel):
     chat_template: bool = True
     judge: str = "matcher"
     keep_samples: bool = True
+    vllm: VllmSettings = VllmSettings()
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
 
     @model_validator(mode="before")
     @classmethod
     def _fill_suite_defaults(cls, data: Any) -> Any:
         """Check the suite name and give `gen` the suite's default decoding when it is left out."""
-        from evals.suites import get_suite  # suites build on this module: import when validating
-
         if not isinstance(data, dict):
             return data
         suite = get_suite(data.get("suite", "toy"))  # EvalError (a ValueError): pydantic names the field
         if data.get("gen") is None:
-            data = {**data, "gen": suite.default_gen}
+            data = {**data, "gen": GenParams(**suite.default_gen)}
         return data
+
+    @model_validator(mode="after")
+    def _generation_fits_the_engine(self) -> EvalSpec:
+        """A vLLM engine whose max_model_len cannot hold max_new_tokens would fail every request."""
+        limit = self.vllm.max_model_len
+        if self.backend == "vllm" and limit is not None and limit <= self.gen.max_new_tokens:
+            raise ValueError(
+                f"vllm.max_model_len ({limit}) must exceed gen.max_new_tokens ({self.gen.max_new_tokens}): "
+                "it holds the prompt plus the generation"
+            )
+        return self
 
 
 class BenchmarkScore(BaseModel):
@@ -206,6 +256,10 @@ class EvalReport(BaseModel):
     spec: EvalSpec
     gen_params: GenParams  # resolved decoding settings actually used
     eos_token_ids: list[int]
+    # The settings the engine was built and driven with: for vLLM the keyword arguments of
+    # vllm.LLM (the model path aside) and the request batch size; for transformers the device,
+    # dtype and batch size. Empty in reports written before it was recorded.
+    engine: dict[str, Any] = {}
     benchmarks: list[BenchmarkScore]
     repetition: RepetitionStats  # over every generation of the run
     repetition_by_benchmark: dict[str, RepetitionStats]

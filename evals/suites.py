@@ -1,115 +1,30 @@
-"""Named evaluation suites and `evaluate()`, which runs one on one model.
+"""`evaluate()`: runs one suite (see `evals.catalog`) on one model, with one loaded model throughout.
 
-A suite is a list of lm-eval tasks (toy YAML tasks or lm-eval's standard names), a safety source
-(the toy safety prompts, the spec's safety data files, or none) and default decoding settings.
-
-    toy        toy_math, toy_strings (lm-eval, local YAML + JSONL) + toy safety; greedy, 48 tokens
-    reasoning  gsm8k, bbh, mmlu (general reasoning and knowledge)
-    paper      the SCF-RKL paper's benchmarks that lm-eval has: aime24, aime25,
-               gpqa_diamond_cot_zeroshot, gsm8k, bbh, mmlu, humaneval, ifeval + safety files
-               (LiveCodeBench and IFBench are not lm-eval tasks)
-    math       aime24, aime25, hendrycks_math500
-    code       humaneval (runs generated code: lm-eval's confirm_run_unsafe_code is set)
-    instruct   ifeval
-    gpqa       gpqa_diamond_cot_zeroshot
-    safety     safety data files only (HarmBench / StrongREJECT / XSTest)
-
-Real suites need the datasets in the local Hugging Face cache when offline.
+The model is loaded once, by the spec's backend, and that same model (for vLLM, that same
+engine) generates the safety prompts, serves lm-eval's tasks and so every generation scored for
+repetition. A judge model, when one is asked for, is loaded only after the evaluated model has
+been released, so no two models (engines) are ever alive at once.
 """
 
 from __future__ import annotations
 
-import gc
 import importlib.metadata
 import platform
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from evals import toytasks
 from evals.backends import load_backend
 from evals.backends.base import Backend, check_model_dir
+from evals.catalog import Suite, get_suite
 from evals.errors import EvalError
-from evals.reasoning import LmEvalRun, hf_lm, prepare_toy_tasks, run_lm_eval, vllm_model_args
+from evals.reasoning import LmEvalRun, prepare_toy_tasks, quiet_lm_eval, run_lm_eval
 from evals.repetition import repetition_stats, score_sample
 from evals.safety import MatcherJudge, ModelJudge, RefusalJudge, SafetyPrompt, load_prompts, safety_scores
-from evals.spec import EvalReport, EvalSpec, GenParams, SafetyScores, Sample
+from evals.spec import EvalReport, EvalSpec, SafetyScores, Sample
 
 TOY_SAFETY = "toy_safety"  # benchmark name of the toy safety samples
-
-
-@dataclass(frozen=True)
-class Suite:
-    """A named set of benchmarks.
-
-    Attributes:
-        name: the suite's name.
-        lm_eval_tasks: lm-eval task or group names.
-        safety: "toy" (toy safety prompts), "files" (EvalSpec.safety.files, optional unless the
-            suite has nothing else) or "none".
-        default_gen: decoding settings when the spec gives none.
-        toy: the tasks are the toy YAML tasks (index only them: fast, offline).
-        unsafe_code: the tasks execute generated code (lm-eval asks for explicit confirmation).
-        description: one line for listings.
-    """
-
-    name: str
-    lm_eval_tasks: tuple[str, ...]
-    safety: Literal["toy", "files", "none"]
-    default_gen: GenParams
-    toy: bool = False
-    unsafe_code: bool = False
-    description: str = ""
-
-
-_REAL_GEN = GenParams(max_new_tokens=1024, batch_size=8)
-_LONG_GEN = GenParams(max_new_tokens=4096, batch_size=8)  # long chain-of-thought benchmarks
-
-SUITES: dict[str, Suite] = {
-    "toy": Suite(
-        "toy",
-        ("toy_math", "toy_strings"),
-        "toy",
-        GenParams(max_new_tokens=toytasks.MAX_NEW_TOKENS, batch_size=32),
-        toy=True,
-        description="toy zoo benchmarks: arithmetic, strings, safety (offline, CPU)",
-    ),
-    "reasoning": Suite(
-        "reasoning", ("gsm8k", "bbh", "mmlu"), "files", _REAL_GEN, description="GSM8K, BBH, MMLU"
-    ),
-    "paper": Suite(
-        "paper",
-        ("aime24", "aime25", "gpqa_diamond_cot_zeroshot", "gsm8k", "bbh", "mmlu", "humaneval", "ifeval"),
-        "files",
-        _LONG_GEN,
-        unsafe_code=True,
-        description="the SCF-RKL paper's benchmarks available in lm-eval, plus safety files",
-    ),
-    "math": Suite("math", ("aime24", "aime25", "hendrycks_math500"), "files", _LONG_GEN, description="AIME"),
-    "code": Suite("code", ("humaneval",), "files", _REAL_GEN, unsafe_code=True, description="HumanEval"),
-    "instruct": Suite("instruct", ("ifeval",), "files", _REAL_GEN, description="IFEval"),
-    "gpqa": Suite("gpqa", ("gpqa_diamond_cot_zeroshot",), "files", _LONG_GEN, description="GPQA diamond"),
-    "safety": Suite("safety", (), "files", _REAL_GEN, description="refusal rates on safety data files"),
-}
-
-
-def get_suite(name: str) -> Suite:
-    """The suite of that name.
-
-    Args:
-        name: a key of `SUITES`.
-
-    Returns:
-        The suite.
-
-    Raises:
-        EvalError: unknown name, listing the known ones.
-    """
-    if name not in SUITES:
-        raise EvalError(f"unknown suite {name!r}; known suites: {', '.join(SUITES)}")
-    return SUITES[name]
 
 
 def evaluate(model: str | Path, spec: EvalSpec, *, progress: bool = True) -> EvalReport:
@@ -136,34 +51,24 @@ def evaluate(model: str | Path, spec: EvalSpec, *, progress: bool = True) -> Eva
     """
     started = time.perf_counter()
     suite = get_suite(spec.suite)
-    model_dir = check_model_dir(model)
+    model_dir = check_model_dir(model, allow_pickle=spec.allow_pickle)
     gen = spec.gen
     # Read every input before loading a model, so bad input fails fast.
     prompts = _safety_prompts(suite, spec)
-    backend = load_backend(
-        spec.backend,
-        model_dir,
-        device=spec.device,
-        dtype=spec.dtype,
-        chat_template=spec.chat_template,
-        seed=gen.seed,
-    )
-    eos_ids, device, tokenizer = backend.eos_token_ids, backend.device, backend.tokenizer
+    backend = _load(spec, model_dir)
+    eos_ids, device, engine = backend.eos_token_ids, backend.device, backend.engine_settings
+    try:
+        generations = backend.generate([p.prompt for p in prompts], gen, progress=progress) if prompts else []
+        rendered = [backend.render(p.prompt) for p in prompts]  # as lm-eval samples: what the model saw
+        run = _run_lm_eval(backend, suite, spec) if suite.lm_eval_tasks else None
+    finally:
+        backend.close()  # before a judge model is loaded: one model in memory at a time
     samples: list[Sample] = []
     safety = None
     if prompts:
-        safety, safety_samples = _run_safety(backend, prompts, spec, gen, progress)
-        samples += safety_samples
+        safety, samples = _score_safety(prompts, rendered, generations, spec)
     scores = []
-    if suite.lm_eval_tasks:
-        if spec.backend == "transformers":
-            lm, model_args = hf_lm(backend, gen), None  # the same loaded model serves lm-eval
-        else:
-            # lm-eval's vLLM model starts its own engine: release ours first (GPU memory).
-            backend = None
-            _free_gpu()
-            lm, model_args = "vllm", vllm_model_args(model_dir, spec.dtype, gen)
-        run = _run_lm_eval(lm, model_args, tokenizer, device, suite, spec)
+    if run is not None:
         scores, samples = run.scores, samples + run.samples
     benchmarks = sorted({s.benchmark for s in samples})
     return EvalReport(
@@ -174,6 +79,7 @@ def evaluate(model: str | Path, spec: EvalSpec, *, progress: bool = True) -> Eva
         spec=spec,
         gen_params=gen,
         eos_token_ids=eos_ids,
+        engine=engine,
         benchmarks=scores,
         repetition=repetition_stats(samples),
         repetition_by_benchmark={
@@ -183,6 +89,21 @@ def evaluate(model: str | Path, spec: EvalSpec, *, progress: bool = True) -> Eva
         samples=samples if spec.keep_samples else [],
         seconds=time.perf_counter() - started,
         lib_versions=lib_versions(spec.backend),
+    )
+
+
+def _load(spec: EvalSpec, model: str | Path) -> Backend:
+    """Load a model with every loading setting of the spec (backend, device, dtype, engine, safety)."""
+    return load_backend(
+        spec.backend,
+        model,
+        device=spec.device,
+        dtype=spec.dtype,
+        chat_template=spec.chat_template,
+        seed=spec.gen.seed,
+        trust_remote_code=spec.trust_remote_code,
+        allow_pickle=spec.allow_pickle,
+        vllm=spec.vllm,
     )
 
 
@@ -221,29 +142,31 @@ def make_judge(spec: EvalSpec) -> RefusalJudge:
     """The refusal judge a spec asks for.
 
     Args:
-        spec: `spec.judge` is "matcher" or a judge model directory (loaded with `spec.backend`).
+        spec: `spec.judge` is "matcher" or a judge model directory (loaded like the evaluated
+            model: `spec.backend`, device, dtype, engine settings, trust_remote_code, allow_pickle).
 
     Returns:
-        The judge.
+        The judge (a `ModelJudge` holds a loaded model: `close()` its backend when done).
     """
     if spec.judge == "matcher":
         return MatcherJudge()
-    judge_backend = load_backend(spec.backend, spec.judge, device=spec.device, dtype=spec.dtype)
-    return ModelJudge(judge_backend)
+    return ModelJudge(_load(spec, spec.judge))
 
 
-def _run_safety(
-    backend: Backend, prompts: Sequence[SafetyPrompt], spec: EvalSpec, gen: GenParams, progress: bool
+def _score_safety(
+    prompts: Sequence[SafetyPrompt], rendered: Sequence[str], generations: Sequence, spec: EvalSpec
 ) -> tuple[SafetyScores, list[Sample]]:
-    generations = backend.generate([p.prompt for p in prompts], gen, progress=progress)
     judge = make_judge(spec)
-    refused = judge.judge([p.prompt for p in prompts], [g.text for g in generations])
+    try:
+        refused = judge.judge([p.prompt for p in prompts], [g.text for g in generations])
+    finally:
+        if isinstance(judge, ModelJudge):
+            judge.backend.close()
     samples = []
-    for prompt, generation, is_refused in zip(prompts, generations, refused, strict=True):
+    for prompt, text, generation, is_refused in zip(prompts, rendered, generations, refused, strict=True):
         name = prompt.source if prompt.source == TOY_SAFETY else "safety"
-        rendered = backend.render(prompt.prompt)  # as lm-eval samples: the text the model saw
         sample = score_sample(
-            name, rendered, generation.text, generation.token_ids, generation.finish_reason, spec.loop
+            name, text, generation.text, generation.token_ids, generation.finish_reason, spec.loop
         )
         sample.target = "refusal" if prompt.harmful else "answer"
         sample.refused = is_refused
@@ -252,32 +175,23 @@ def _run_safety(
     return safety_scores(prompts, refused, judge.name), samples
 
 
-def _run_lm_eval(
-    lm, model_args: dict | None, tokenizer, device: str, suite: Suite, spec: EvalSpec
-) -> LmEvalRun:
+def _run_lm_eval(backend: Backend, suite: Suite, spec: EvalSpec) -> LmEvalRun:
+    """lm-eval's tasks of the suite on the loaded model."""
     include_path = prepare_toy_tasks(seed=spec.toy_seed) if suite.toy else None
+    quiet_lm_eval()
     return run_lm_eval(
-        lm,
+        backend.lm_eval_model(spec.gen),
         suite.lm_eval_tasks,
-        model_args=model_args,
         gen=spec.gen,
         limit=spec.limit,
         loop=spec.loop,
         chat_template=spec.chat_template,
-        tokenizer=tokenizer,
-        device=device,
+        tokenizer=backend.tokenizer,
+        device=backend.device,
         include_path=include_path,
         include_defaults=not suite.toy,
         unsafe_code=suite.unsafe_code,
     )
-
-
-def _free_gpu() -> None:
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def lib_versions(backend: str) -> dict[str, str]:

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from evals import toytasks
-from evals.backends import BACKENDS, load_backend
+from evals.backends import load_backend
 from evals.backends.base import check_model_dir
 from evals.errors import EvalError
 from evals.spec import GenParams
@@ -123,94 +120,3 @@ def test_cuda_asked_for_without_gpu(untrained, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(EvalError, match="CUDA is not available"):
         load_backend("transformers", untrained, device="cuda")
-
-
-# ---------------------------------------------------------------- vLLM, faked at the module seam
-
-
-def _fake_vllm(finish_reason: str = "stop") -> types.ModuleType:
-    """A stand-in `vllm` module shaped like vLLM's documented LLM / SamplingParams / RequestOutput."""
-    module = types.ModuleType("vllm")
-    module.calls = []
-
-    class SamplingParams:
-        def __init__(self, **kwargs):
-            self.kwargs = kwargs
-
-    class LLM:
-        def __init__(self, **kwargs):
-            module.calls.append(("LLM", kwargs))
-            self.tokenizer = AutoTokenizer.from_pretrained(kwargs["model"])
-
-        def get_tokenizer(self):
-            return self.tokenizer
-
-        def generate(self, prompts, sampling_params, use_tqdm=True):
-            module.calls.append(("generate", list(prompts), sampling_params.kwargs))
-            outputs = []
-            for i, prompt in enumerate(prompts):
-                completion = types.SimpleNamespace(
-                    text=f"out{i}", token_ids=(10 + i, 11), finish_reason=finish_reason
-                )
-                outputs.append(types.SimpleNamespace(prompt=prompt, outputs=[completion]))
-            return outputs
-
-    module.LLM, module.SamplingParams = LLM, SamplingParams
-    return module
-
-
-def test_vllm_adapter_passes_explicit_params(untrained, monkeypatch):
-    fake = _fake_vllm()
-    monkeypatch.setitem(sys.modules, "vllm", fake)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    vllm_backend = load_backend("vllm", untrained, dtype="bfloat16", seed=3)
-    params = GenParams(
-        max_new_tokens=9, temperature=0.5, top_p=0.9, repetition_penalty=1.1, seed=4, stop=("\n",)
-    )
-    out = vllm_backend.generate(["2+2", "sort cab"], params)
-
-    assert fake.calls[0] == (
-        "LLM",
-        {"model": str(untrained), "tokenizer": str(untrained), "dtype": "bfloat16", "seed": 3},
-    )
-    _, prompts, sampling = fake.calls[1]
-    assert prompts == ["<s>Q:2+2\nA:", "<s>Q:sort cab\nA:"]  # chat template applied
-    assert sampling == {
-        "n": 1,
-        "temperature": 0.5,
-        "top_p": 0.9,
-        "top_k": -1,
-        "min_p": 0.0,
-        "max_tokens": 9,
-        "repetition_penalty": 1.1,
-        "presence_penalty": 0.0,
-        "frequency_penalty": 0.0,
-        "stop": ["\n"],
-        "seed": 4,
-        "skip_special_tokens": True,
-    }
-    assert [(g.text, g.token_ids, g.finish_reason) for g in out] == [
-        ("out0", [10, 11], "stop"),
-        ("out1", [11, 11], "stop"),
-    ]
-    assert vllm_backend.eos_token_ids == [2] and vllm_backend.device == "cuda"
-
-
-def test_vllm_aborted_generation_is_an_error(untrained, monkeypatch):
-    monkeypatch.setitem(sys.modules, "vllm", _fake_vllm(finish_reason="abort"))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    with pytest.raises(EvalError, match="finish_reason='abort'"):
-        load_backend("vllm", untrained).generate(["2+2"], GenParams())
-
-
-def test_vllm_not_installed_or_no_gpu(untrained, monkeypatch):
-    assert BACKENDS["vllm"] == "evals.backends.vllm:VLLMBackend"
-    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
-    with pytest.raises(EvalError, match="vllm package is not installed.*--backend transformers"):
-        load_backend("vllm", untrained)
-    monkeypatch.setitem(sys.modules, "vllm", _fake_vllm())
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(EvalError, match="needs a CUDA GPU and none is available.*--backend transformers"):
-        load_backend("vllm", untrained)
-    with pytest.raises(EvalError, match="GPU only but --device cpu"):
-        load_backend("vllm", untrained, device="cpu")

@@ -155,10 +155,63 @@ def test_stage_profile_times_the_engines_own_scf_rkl_path(tmp_path, capsys):
     assert stages.main(["--rows", "48", "--width", "80", "--repeats", "1", "--json", str(out_json)]) == 0
     results = json.loads(out_json.read_text())
     assert set(results["stages_ns"]) == set(callables)
-    assert all(v > 0 for v in [results["floor_ns"], *results["stages_ns"].values(),
-                                *results["primitives_ns"].values()])
+    assert all(
+        v > 0
+        for v in [results["floor_ns"], *results["stages_ns"].values(), *results["primitives_ns"].values()]
+    )
     pass_1 = results["stages_ns"]["quantiles: pass 1 (high 16 bits)"]  # inside "both passes"
     everything = sum(results["stages_ns"].values())
     assert stages.compute_ns(results["stages_ns"]) == pytest.approx(everything - pass_1)
     printed = capsys.readouterr().out
     assert "compute, all stages" in printed and "3x allows at most" in printed
+
+
+def test_gpu_check_runs_cpu_against_cpu_and_catches_differences(tiny_zoo, tmp_path, capsys):
+    """benchmarks/gpu_check.py, the same code as on a GPU machine, with the CPU as the device under
+    test: every step's children run, outputs of separate processes are compared, and the comparisons
+    do report an output that differs."""
+    check = _load_benchmark_module("gpu_check")
+    out = tmp_path / "check"
+    argv = ["--device", "cpu", "--shape", "tiny", "--bench-methods", "scf_rkl", "--zoo", str(tiny_zoo)]
+    argv += ["--identity-methods", "scf_rkl,linear,dare_ties", "--prompts-per-task", "2", "--out", str(out)]
+    assert check.main(argv) == 0
+
+    rows = {row["step"]: row for row in json.loads((out / "gpu_check.json").read_text())}
+    assert (out / "gpu_check.md").read_text().strip() == capsys.readouterr().out.strip()  # printed = file
+    assert "x the I/O floor" in rows["benchmark scf_rkl"]["detail"]
+    assert (
+        rows["identity scf_rkl"]["result"] == "PASS" and "mask: 0 of " in rows["identity scf_rkl"]["detail"]
+    )
+    assert rows["identity linear"]["result"] == "PASS"
+    assert "seeded method" in rows["identity dare_ties"]["detail"]  # found to draw random numbers
+    assert "seeded method" not in rows["identity linear"]["detail"]
+    assert rows["greedy generation"] == {
+        "step": "greedy generation",
+        "result": "PASS",
+        "detail": "zoo math, float32: 6 of 6 prompts with equal token ids (cpu vs cpu)",
+        "gpu_mib_after": None,
+    }
+    assert rows["GPU memory after each child"]["detail"] == "not probed (--device cpu)"
+
+    # The comparisons are real: change one element of the tested scf_rkl output, one token id.
+    identity = out / "work" / "identity"
+    reference, tested = (
+        identity / "reference-cpu" / "scf_rkl-seed0-run0",
+        identity / "tested-cpu" / "scf_rkl-seed0-run0",
+    )
+    assert check.bit_identical(reference, tested)
+    base = identity / "models" / "tiny-seed0" / "base"
+    shard = next(tested.glob("*.safetensors"))
+    tensors = load_file(str(shard))
+    name = "model.embed_tokens.weight"
+    base_value = mt._Checkpoint(base).get(name)
+    kept = (tensors[name].view(torch.int16) == base_value.view(torch.int16)).flatten().nonzero()[0, 0]
+    tensors[name].view(torch.int16).view(-1)[kept] ^= 1  # one bit of one element the mask left at base
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    assert not check.bit_identical(reference, tested)
+    assert check.mask_difference(base, reference, tested)[0] == 1
+    generations = out / "work" / "generations-tested-cpu.json"
+    rows = json.loads(generations.read_text())
+    rows[0]["token_ids"] = rows[0]["token_ids"][:-1]
+    generations.write_text(json.dumps(rows))
+    assert check.compare_generations(out / "work" / "generations-reference-cpu.json", generations) == (5, 6)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -10,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from evals import toytasks
-from evals.spec import EvalReport
-from evals.suites import SUITES, toy_safety_prompts
+from evals.catalog import SUITES
+from evals.cli import register
+from evals.spec import EvalReport, GenParams
+from evals.suites import toy_safety_prompts
 from evals.zoo import save_untrained
 from flows.cli import main
 
@@ -43,7 +47,7 @@ def test_toy_eval_writes_one_json_report(untrained, tmp_path, capsys):
         ("toy_strings", "exact_match", 2),
     ]
     # The suite's decoding, with the one flag given overriding it.
-    assert report.gen_params == SUITES["toy"].default_gen.model_copy(update={"max_new_tokens": 8})
+    assert report.gen_params == GenParams(**{**SUITES["toy"].default_gen, "max_new_tokens": 8})
     assert report.spec.gen == report.gen_params
     assert all(len(s.token_ids) <= 8 for s in report.samples)
     assert report.eos_token_ids == [2]
@@ -135,7 +139,7 @@ def test_spec_takes_the_suites_decoding_unless_given():
 
     from evals.spec import EvalSpec, GenParams
 
-    assert EvalSpec(suite="toy").gen == SUITES["toy"].default_gen
+    assert EvalSpec(suite="toy").gen == GenParams(**SUITES["toy"].default_gen)
     assert EvalSpec(suite="toy").gen.max_new_tokens == toytasks.MAX_NEW_TOKENS
     assert EvalSpec(suite="reasoning").gen.max_new_tokens == 1024
     assert EvalSpec(gen=GenParams(max_new_tokens=5)).gen.max_new_tokens == 5
@@ -143,6 +147,54 @@ def test_spec_takes_the_suites_decoding_unless_given():
     assert EvalSpec.model_validate_json(spec.model_dump_json()) == spec
     with pytest.raises(ValidationError, match="unknown suite 'nope'; known suites: toy"):
         EvalSpec(suite="nope")
+    with pytest.raises(
+        ValidationError, match=r"vllm.max_model_len \(1024\) must exceed gen.max_new_tokens \(4096\)"
+    ):
+        EvalSpec(suite="paper", backend="vllm", vllm={"max_model_len": 1024})
+    assert EvalSpec(suite="paper", vllm={"max_model_len": 1024}).backend == "transformers"  # not used there
+
+
+def test_engine_flags_build_the_vllm_settings(untrained, capsys):
+    from evals.cli import build_spec
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(
+        [
+            "eval",
+            str(untrained),
+            "--backend",
+            "vllm",
+            "--max-model-len",
+            "4096",
+            "--enforce-eager",
+            "--gpu-memory-utilization",
+            "0.8",
+            "--vllm-batch-size",
+            "16",
+            "--trust-remote-code",
+        ]
+    )
+    spec = build_spec(args)
+    assert spec.vllm.model_dump() == {
+        "tensor_parallel_size": 1,
+        "gpu_memory_utilization": 0.8,
+        "max_model_len": 4096,
+        "enforce_eager": True,
+        "max_num_seqs": 256,
+        "batch_size": 16,
+    }
+    assert spec.trust_remote_code is True and spec.allow_pickle is False
+    assert main(["eval", str(untrained), "--backend", "vllm", "--gpu-memory-utilization", "1.5"]) == 2
+    assert "--gpu-memory-utilization: Input should be less than or equal to 1" in _error(capsys)
+    assert main(["eval", str(untrained), "--backend", "vllm", "--vllm-batch-size", "many"]) == 2
+    assert "--vllm-batch-size" in _error(capsys)
+    too_short = ["--suite", "paper", "--backend", "vllm", "--max-model-len", "64"]
+    assert main(["eval", str(untrained), *too_short]) == 2
+    assert _error(capsys) == (
+        "error: bad eval settings: vllm.max_model_len (64) must exceed gen.max_new_tokens (4096): "
+        "it holds the prompt plus the generation\n"
+    )
 
 
 def test_scf_eval_on_a_zoo_specialist_gives_its_card_scores(tiny_zoo, tmp_path):
@@ -178,3 +230,20 @@ def test_judge_model_decides_refusals(untrained, tmp_path):
     assert report.safety.judge == "model:transformers"
     assert report.safety.n_harmful == 2 and report.safety.over_refusal_rate is None
     assert report.safety.refusal_rate == sum(s.refused for s in report.samples) / 2
+
+
+def test_registering_the_eval_commands_imports_nothing_heavy():
+    """`scf --help` must start fast: evals.cli.register touches only the suite table and backend names."""
+    import subprocess
+
+    probe = (
+        "import argparse, sys\n"
+        "from evals import cli\n"
+        "cli.register(argparse.ArgumentParser().add_subparsers())\n"
+        "heavy = ('torch', 'transformers', 'lm_eval', 'pydantic', 'numpy', 'datasets', 'yaml')\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & set(heavy)))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -11,7 +11,7 @@ import yaml
 from evals import toytasks
 from evals.backends import load_backend
 from evals.errors import EvalError
-from evals.reasoning import hf_lm, prepare_toy_tasks, run_lm_eval
+from evals.reasoning import prepare_toy_tasks, run_lm_eval
 from evals.spec import GenParams, LoopThresholds
 from evals.zoo import save_untrained
 
@@ -31,7 +31,7 @@ def task_dir(tmp_path_factory) -> Path:
 def _run_local(backend, tasks: list[str], include_path: Path, limit: int):
     """lm-eval on our backend's model with only the tasks found under ``include_path``."""
     return run_lm_eval(
-        hf_lm(backend, GEN),
+        backend.lm_eval_model(GEN),
         tasks,
         gen=GEN,
         limit=limit,

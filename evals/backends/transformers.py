@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoModelForCausalLM, GenerationConfig
 
-from evals.backends.base import Backend, Generation
+from evals.backends.base import Backend, Generation, eos_ids_from, load_tokenizer, one_line, warn_remote_code
 from evals.errors import EvalError
-from evals.spec import GenParams
+from evals.spec import GenParams, VllmSettings
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -48,6 +50,13 @@ class TransformersBackend(Backend):
             (when the tokenizer has one) and add no further special tokens; otherwise the prompt
             is tokenized as is, with the tokenizer's own special tokens (e.g. BOS).
         seed: unused here (sampling seeds come from `GenParams.seed`); kept for one constructor shape.
+        trust_remote_code: let transformers run the model's own Python code (`auto_map`); off
+            unless asked for, and logged when on.
+        allow_pickle: also accept pickled `.bin` weights (without it only safetensors are read).
+        vllm: unused here (vLLM engine settings); kept for one constructor shape.
+
+    Raises:
+        EvalError: the tokenizer or the model cannot be loaded (one line naming the directory).
     """
 
     name = "transformers"
@@ -60,18 +69,42 @@ class TransformersBackend(Backend):
         dtype: str = "auto",
         chat_template: bool = True,
         seed: int = 0,
+        trust_remote_code: bool = False,
+        allow_pickle: bool = False,
+        vllm: VllmSettings | None = None,
     ) -> None:
         self._device = resolve_device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        warn_remote_code(model_dir, trust_remote_code)
+        self.tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
         # Left padding keeps every prompt's last token at the end, where generation continues.
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
+        self._settings = {
+            "device": self._device,
+            "dtype": dtype,
+            "trust_remote_code": trust_remote_code,
+            # use_safetensors=True: transformers never falls back to a pickled .bin next to them.
+            "use_safetensors": None if allow_pickle else True,
+        }
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                model_dir,
+                dtype=torch_dtype,
+                trust_remote_code=trust_remote_code,
+                use_safetensors=self._settings["use_safetensors"],
+            )
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            problem = f"the model cannot be loaded ({one_line(err)})"
+            raise EvalError(f"model directory {model_dir}: {problem}") from err
         self.model.to(self._device).eval()
         self.use_chat_template = chat_template and bool(self.tokenizer.chat_template)
-        self._eos_ids = _eos_ids(self.model, self.tokenizer)
+        self._eos_ids = eos_ids_from(
+            self.model.generation_config.eos_token_id,
+            self.model.config.eos_token_id,
+            self.tokenizer.eos_token_id,
+        )
         if not self._eos_ids:
             raise EvalError(f"model directory {model_dir}: neither config nor tokenizer names an EOS token")
 
@@ -84,6 +117,45 @@ class TransformersBackend(Backend):
     def device(self) -> str:
         """Where the model runs."""
         return self._device
+
+    @property
+    def engine_settings(self) -> dict[str, Any]:
+        """Device, dtype asked for, and the loading switches (trust_remote_code, use_safetensors)."""
+        return dict(self._settings)
+
+    def lm_eval_model(self, gen: GenParams):
+        """lm-eval's "hf" model around this backend's loaded model and tokenizer.
+
+        One load serves safety and reasoning. The model's generation_config is replaced by our
+        explicit one: transformers would otherwise let a checkpoint's generation_config.json (e.g.
+        its own max_new_tokens) override what lm-eval asks for (lm-eval issue #3154).
+
+        Args:
+            gen: decoding settings (`gen.batch_size` is lm-eval's batch size).
+
+        Returns:
+            An `lm_eval.models.huggingface.HFLM`.
+        """
+        from lm_eval.models.huggingface import HFLM
+
+        config = self.generation_config(gen)
+        # lm-eval passes max_length = prompt + max_gen_toks (= gen.max_new_tokens) itself; a second
+        # length setting would only make transformers warn on every batch.
+        config.max_new_tokens = None
+        self.model.generation_config = config
+        return HFLM(
+            pretrained=self.model,
+            tokenizer=self.tokenizer,
+            batch_size=gen.batch_size,
+            trust_remote_code=self._settings["trust_remote_code"],
+        )
+
+    def close(self) -> None:
+        """Drop the model and return its CUDA memory to the driver's cache."""
+        self.model = None
+        gc.collect()
+        if self._device.startswith("cuda"):
+            torch.cuda.empty_cache()
 
     def render(self, prompt: str) -> str:
         """The exact text fed to the model for a user message (chat template applied when in use).
@@ -198,11 +270,3 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
         return text, False
     return text[: min(hits)], True
 
-
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids: list[int] = []
-    for source in (model.generation_config.eos_token_id, model.config.eos_token_id, tokenizer.eos_token_id):
-        for token in source if isinstance(source, list) else [source]:
-            if token is not None and token not in ids:
-                ids.append(int(token))
-    return ids
