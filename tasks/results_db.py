@@ -2,8 +2,9 @@
 
 Tables (every row carries the pipeline config's ``name`` as ``config_name``):
 
-- ``candidates``: every evaluated model, merged candidates (``kind='merge'``) and their parents
-  (``kind='parent'``); id = content hash (see ``tasks.config.candidate_id``).
+- ``candidates``: every model of a run, merged candidates (``kind='merge'``) and their parents
+  (``kind='parent'``); id = content hash (see ``tasks.config.candidate_id``); ``status`` is ``ok``
+  (evaluated) or ``failed`` (its merge or evaluation failed; ``failure`` says how).
 - ``scores``: one row per (model, benchmark, metric), with stderr, n, direction, task version,
   backend and the decoding settings used.
 - ``generation_stats``: one row per model: repetition, truncation and refusal figures, plus the
@@ -15,6 +16,9 @@ Writes are idempotent: each one deletes the rows of its key and inserts the new 
 transaction, so a rerun replaces and never duplicates. DuckDB allows one writing process per file,
 so every access holds an exclusive file lock (``<db>.lock``) for one short transaction and a
 lock/conflict error from another tool holding the file is retried with backoff.
+
+The schema is versioned (``schema_info.version``, `SCHEMA_VERSION`): a file written by an older
+version is upgraded in place, in one transaction, the first time it is opened (`MIGRATIONS`).
 """
 
 from __future__ import annotations

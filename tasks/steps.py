@@ -35,6 +35,7 @@ from pydantic import BaseModel
 from evals.errors import EvalError
 from evals.spec import EvalReport, EvalSpec
 from scf.errors import ScfError
+from scf.outdir import REPORT_NAME
 from scf.spec import MergeSpec
 from tasks import results_db, tracking
 from tasks.child import ChildStep, run_child, scf_cache_dir, scf_command
@@ -42,8 +43,6 @@ from tasks.config import ZOO_PREFIX, EvalSettings, ZooSettings, content_hash
 from tasks.errors import PipelineError, StepFailed
 from tasks.gate import GateDecision, GatePolicy, pick_winner
 from tasks.gpu import gpu_slot
-
-REPORT_NAME = "merge_report.json"  # scf.merge.REPORT_NAME, without importing the engine (torch)
 
 BAD_INPUT = (ScfError, EvalError, PipelineError)
 NOT_RETRIED = (*BAD_INPUT, StepFailed)  # a failed step reran the same way would fail the same way
@@ -332,7 +331,7 @@ def log_model(
     """
     files = write_artifacts(Path(artifact_dir), report, merge_report, model.path)
     metrics = tracking.model_metrics(report.metrics(), merge_report, report.seconds)
-    params = model_params(model, report.spec)
+    params = {**model_params(model, report.spec), "eval.engine": report.engine}
     tags = {"candidate_id": model.id, "kind": model.kind}
     return tracking.log_model_run(uri, exp_id, parent_run_id, label, params, metrics, files, tags)
 
@@ -350,6 +349,7 @@ def model_params(model: results_db.ModelRecord, spec: EvalSpec) -> dict[str, Any
             "eval.backend": spec.backend,
             "eval.limit": spec.limit or "all",
             "eval.gen": spec.gen.model_dump(mode="json"),
+            "eval.vllm": spec.vllm.model_dump(mode="json"),
         }
     )
     return params

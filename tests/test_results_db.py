@@ -167,3 +167,28 @@ def test_the_leaderboard_of_one_run_leaves_out_older_models(tmp_path: Path) -> N
     assert [entry["id"] for entry in latest] == ["parent", "cand"]
     assert latest[1]["deltas"]["math.exact_match"] == pytest.approx(0.3)  # vs this run's parent only
     assert len(db.leaderboard(path, "cfg")) == 4
+
+
+def test_a_file_written_by_schema_version_1_is_upgraded_in_place(tmp_path: Path) -> None:
+    old = tmp_path / "old.duckdb"
+    sql = (Path(__file__).parent / "data" / "results_schema_v1.sql").read_text()
+    with duckdb.connect(str(old)) as con:
+        con.execute(sql)
+    assert db.champion(old, "demo")["candidate_id"] == "c1"  # a read-only open upgrades first
+    with duckdb.connect(str(old), read_only=True) as con:
+        assert con.execute("SELECT version FROM schema_info").fetchall() == [(db.SCHEMA_VERSION,)]
+        rows = con.execute("SELECT id, status, failure, run_id FROM candidates ORDER BY id").fetchall()
+    assert rows == [("c1", "ok", None, None), ("p-ffff", "ok", None, None)]
+    [merge] = [entry for entry in db.leaderboard(old, "demo") if entry["kind"] == "merge"]
+    assert merge["scores"] == {"toy_math.exact_match": 0.5} and merge["decision"] == "promoted"
+    assert db.row_counts(old) == {
+        "candidates": 2, "scores": 2, "generation_stats": 2, "gate_decisions": 1, "champions": 1
+    }
+
+
+def test_a_file_from_a_newer_version_is_refused(tmp_path: Path) -> None:
+    newer = tmp_path / "new.duckdb"
+    with duckdb.connect(str(newer)) as con:
+        con.execute("CREATE TABLE schema_info (version INTEGER); INSERT INTO schema_info VALUES (99)")
+    with pytest.raises(PipelineError, match=r"has schema version 99, newer than this scf-pipeline's \d+"):
+        db.row_counts(newer)
