@@ -69,10 +69,11 @@ class Workers:
             wait_healthy(f"http://127.0.0.1:{port}/health", process, self.logs[name], PROCESS_START_S)
 
     def ran(self, name: str) -> set[str]:
-        """Flow run ids the worker submitted (from its log)."""
-        marker = f"Worker '{name}' submitting flow run '"
+        """Flow run ids the worker took and started (from its log): both workers may try to submit a
+        run; the server lets one have it and tells the other to abort."""
         lines = self.logs[name].read_text(errors="replace").splitlines()
-        return {line.split(marker, 1)[1].split("'")[0] for line in lines if marker in line}
+        submitted = _ids_after(lines, f"Worker '{name}' submitting flow run '")
+        return submitted - _ids_after(lines, "Aborted submission of flow run '")
 
     def kill(self, name: str) -> None:
         """SIGKILL a worker and every process it started, as when its machine dies."""
@@ -83,6 +84,10 @@ class Workers:
     def stop(self) -> None:
         for process, _ in self.processes.values():
             stop_process(process)
+
+
+def _ids_after(lines: list[str], marker: str) -> set[str]:
+    return {line.split(marker, 1)[1].split("'")[0] for line in lines if marker in line}
 
 
 @pytest.fixture(scope="module")
