@@ -49,10 +49,6 @@ class RunContext:
     def db_path(self) -> str:
         return str(self.config.duckdb_path)
 
-    @property
-    def parent_ids(self) -> list[str]:
-        return [parent_id(self.sources[role].fingerprint) for role in self.config.sources.parents()]
-
     def step_settings(self, step: str) -> steps.StepSettings:
         """Timeout, GPU lock and log directory of this run's merges or evaluations."""
         section = self.config.merge if step == "merge" else self.config.eval
@@ -385,7 +381,8 @@ def decide(ctx: RunContext, results: list[ModelResult]) -> list[GateDecision]:
     logger = get_run_logger()
     by_id = {result.record.id: result for result in results}
     judged = [result.record.id for result in results if not result.failed]
-    verdicts = steps.gate(ctx.db_path, config.name, judged, ctx.parent_ids, config.gate) if judged else []
+    parents = {plan.record.id: plan.label for plan in plan_parents(ctx)}
+    verdicts = steps.gate(ctx.db_path, config.name, judged, parents, config.gate) if judged else []
     failed = [
         GateDecision(candidate_id=r.record.id, decision="rejected", reasons=[f"failed: {r.failure}"])
         for r in results
@@ -453,6 +450,7 @@ def finish(ctx: RunContext, results: list[ModelResult], decisions: list[GateDeci
         "duckdb": ctx.db_path,
         "mlflow_uri": config.mlflow_uri,
         "mlflow_run_id": ctx.mlflow_run_id,
+        "mlflow_experiment_id": ctx.exp_id,
         "flow_run_id": str(ctx.flow_run_id),
         "champion": champion["candidate_id"] if champion else None,
         "promoted": next((d.candidate_id for d in decisions if d.decision == "promoted"), None),
@@ -485,9 +483,11 @@ def judge(ctx: RunContext, parents: list[ModelResult], candidates: list[ModelRes
     candidates = recorded[len(parents) :]
     decisions = decide(ctx, candidates)
     summary = finish(ctx, recorded, decisions)
+    steps.notify(ctx.config, summary)
     if candidates and all(result.failed for result in candidates):
         listing = "; ".join(str(result.failure) for result in candidates)
-        raise NightFailed(f"no candidate could be judged: all {len(candidates)} failed ({listing})")
+        raise NightFailed(f"no candidate could be judged: all {len(candidates)} failed ({listing})",
+                          notified=True)
     return summary
 
 

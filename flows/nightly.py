@@ -40,7 +40,7 @@ from flows.merge_eval import (
     start,
 )
 from tasks import steps, tracking
-from tasks.errors import StepFailed
+from tasks.errors import NightFailed, StepFailed
 from tasks.pool import PoolRun, run_on_pool
 
 POOL_POLL_S = 1.0
@@ -84,8 +84,10 @@ def nightly(
             parents = evaluate_parents(ctx)
             candidates = run_candidates_here(ctx, plans)
         summary = judge(ctx, parents, candidates)
-    except BaseException:
+    except BaseException as err:
         tracking.finish_run(ctx.config.mlflow_uri, ctx.mlflow_run_id, failed=True)
+        if isinstance(err, NightFailed) and not err.notified:
+            steps.notify(ctx.config, None, str(err))
         raise
     failed = [c["label"] for c in summary["candidates"] if c["status"] == "failed"]
     logger.info(

@@ -63,7 +63,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     results.add_argument("--config", type=Path, help="pipeline YAML (its name and database)")
     results.add_argument("--db", type=Path, help="a results.duckdb file (every config in it unless --config)")
+    results.add_argument(
+        "--history",
+        action="store_true",
+        help="one line per night: candidates, what was promoted, the champion after",
+    )
     results.set_defaults(func=_results)
+
+    champion = subparsers.add_parser(
+        "champion",
+        help="the current champion with its evidence; `champion rollback` restores an earlier one",
+        description="Print a config's current champion: since when, which run promoted it and why, its "
+        "scores. `scf champion rollback` makes an earlier champion the champion again (MLflow alias and "
+        "DuckDB), recording the rollback with its reason.",
+    )
+    champion.add_argument("--config", type=Path, required=True, help="pipeline YAML")
+    champion.set_defaults(func=_champion)
+    actions = champion.add_subparsers(dest="champion_action", metavar="ACTION")
+    rollback = actions.add_parser("rollback", help="restore an earlier champion")
+    rollback.add_argument("--config", type=Path, required=True, help="pipeline YAML")
+    rollback.add_argument("--to", help="candidate id (prefix) to restore (default: the previous champion)")
+    rollback.add_argument("--reason", required=True, help="why: stored with the rollback event")
+    rollback.set_defaults(func=_rollback)
 
 
 def _nightly(args: argparse.Namespace) -> int:
@@ -119,8 +140,84 @@ def _results(args: argparse.Namespace) -> int:
         db_path = args.db
         names = results_db.config_names(db_path)
     for name in names:
-        print(leaderboard_text(db_path, name))
+        print(history_text(db_path, name) if args.history else leaderboard_text(db_path, name))
     return 0
+
+
+def history_text(db_path: Path, config_name: str) -> str:
+    """One line per night of a config: date, run, candidates, what was promoted, the champion after."""
+    nights = results_db.nights(db_path, config_name)
+    lines = [f"History: {config_name} ({len(nights)} nights)"]
+    for night in nights:
+        promoted = (f"promoted {night['promoted_label']} ({night['promoted']})" if night["promoted"]
+                    else "nothing promoted")
+        lines.append(f"{night['decided_at']:%Y-%m-%d %H:%M}  run {night['run_id']}  "
+                     f"{night['n_candidates']} candidates  {promoted}  "
+                     f"champion after: {night['champion_after'] or 'none'}")
+    return "\n".join(lines) + "\n"
+
+
+def _champion(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    print(champion_text(config.duckdb_path, config.name))
+    return 0
+
+
+def champion_text(db_path: Path, config_name: str) -> str:
+    """The current champion with its evidence: since when, which run, why, its scores."""
+    current = results_db.champion(db_path, config_name)
+    if current is None:
+        return f"{config_name}: no champion yet"
+    cid = current["candidate_id"]
+    entry = next((e for e in results_db.leaderboard(db_path, config_name) if e["id"] == cid), None)
+    label = entry["label"] if entry else cid
+    promoted_by = f"run {current['run_id']}" if current["run_id"] else "a rollback"
+    lines = [
+        f"Champion of {config_name}: {label} ({cid})",
+        f"  since {current['since']:%Y-%m-%d %H:%M:%S} UTC, by {promoted_by}",
+        f"  why: {current['reason']}",
+        f"  weights: {current['path']}",
+    ]
+    if entry:
+        lines.append("  scores: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(entry["scores"].items())))
+    return "\n".join(lines)
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    reigns = results_db.champion_history(config.duckdb_path, config.name)
+    current = reigns[-1] if reigns and reigns[-1]["until"] is None else None
+    if current is None:
+        raise PipelineError(f"config {config.name!r} has no champion to roll back")
+    target = _rollback_target(reigns, current, args.to)
+    path = Path(target["path"] or "")
+    if not (path / "config.json").is_file():
+        raise PipelineError(f"cannot roll back to {target['candidate_id']}: its weights are gone ({path})")
+    version = tracking.move_champion_alias(config.mlflow_uri, config.name, target["candidate_id"])
+    try:
+        results_db.record_rollback(config.duckdb_path, config.name, target["candidate_id"], args.reason)
+    except BaseException:  # keep MLflow and DuckDB in agreement
+        tracking.move_champion_alias(config.mlflow_uri, config.name, current["candidate_id"])
+        raise
+    print(f"rolled back {config.name}: champion {current['candidate_id']} -> {target['candidate_id']} "
+          f"(MLflow {tracking.registered_model_name(config.name)} version {version}, alias "
+          f"'{tracking.CHAMPION_ALIAS}'); reason: {args.reason}")
+    return 0
+
+
+def _rollback_target(reigns: list[dict], current: dict, wanted: str | None) -> dict:
+    """The reign to restore: the one named by ``--to`` (id or prefix), else the one before the current."""
+    former = [r for r in reigns if r["candidate_id"] != current["candidate_id"]]
+    if wanted is None:
+        if not former:
+            raise PipelineError("there is no earlier champion to roll back to")
+        return former[-1]
+    matches = {r["candidate_id"]: r for r in former if r["candidate_id"].startswith(wanted)}
+    if len(matches) != 1:
+        listing = ", ".join(dict.fromkeys(r["candidate_id"] for r in former)) or "none"
+        raise PipelineError(f"--to {wanted!r} matches {len(matches)} former champions; former champions: "
+                            f"{listing}")
+    return next(iter(matches.values()))
 
 
 def leaderboard_text(db_path: Path, config_name: str, run_id: str | None = None) -> str:

@@ -33,6 +33,7 @@ from scf.spec import EngineSettings
 from scf.yamlsafe import load_yaml
 from tasks.errors import PipelineError
 from tasks.gate import GatePolicy
+from tasks.notify import NotifySettings
 
 ZOO_PREFIX = "zoo:"
 
@@ -209,6 +210,7 @@ class PipelineConfig(BaseModel):
     gate: GatePolicy
     storage: Storage = Storage()
     execution: ExecutionSettings = ExecutionSettings()
+    notify: NotifySettings = NotifySettings()
     keep_candidates: bool = False
     concurrency: int = Field(2, ge=1, description="local mode: candidate evaluations run at once")
 

@@ -38,4 +38,12 @@ class StepFailed(RuntimeError):
 
 class NightFailed(RuntimeError):
     """A run that could not reach a verdict: a parent could not be evaluated, or no candidate could
-    be judged. ``scf nightly`` exits non-zero on it (a night with some failed candidates does not)."""
+    be judged. ``scf nightly`` exits non-zero on it (a night with some failed candidates does not).
+
+    Attributes:
+        notified: the night's verdict was already posted (``notify:``) before this was raised.
+    """
+
+    def __init__(self, message: str, *, notified: bool = False) -> None:
+        super().__init__(message)
+        self.notified = notified

@@ -1,4 +1,6 @@
-"""The results database (DuckDB): the one schema module, idempotent writes, the gate query, the leaderboard.
+"""The results database (DuckDB): the one schema module, idempotent writes and the queries that read it.
+
+The gate's rules live in ``tasks.gate``; this module only stores and reads.
 
 Tables (every row carries the pipeline config's ``name`` as ``config_name``):
 
@@ -9,8 +11,14 @@ Tables (every row carries the pipeline config's ``name`` as ``config_name``):
   backend and the decoding settings used.
 - ``generation_stats``: one row per model: repetition, truncation and refusal figures, plus the
   merge's sparsity and timings.
-- ``gate_decisions``: the latest verdict per candidate, with its reasons (rejections too).
-- ``champions``: the current champion per config.
+- ``samples``: one row per (model, benchmark, metric, item): the item's score and its generation's
+  repetition and refusal figures; ``item_id`` is equal across models evaluated the same way, which
+  is what the gate's paired comparisons join on.
+- ``gate_decisions``: every run's verdict per candidate, with its reasons (rejections too); never
+  overwritten.
+- ``champions``: the champion history: who held the title, from when to when (``until`` NULL for
+  the current one), which run promoted them and why.
+- ``events``: changes of the title made by hand (rollbacks), with their reasons.
 
 Writes are idempotent: each one deletes the rows of its key and inserts the new ones in a single
 transaction, so a rerun replaces and never duplicates. DuckDB allows one writing process per file,
@@ -30,18 +38,20 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import duckdb
 from pydantic import BaseModel
 
 from tasks.errors import PipelineError
-from tasks.gate import GateDecision, GatePolicy
+
+if TYPE_CHECKING:
+    from tasks.gate import GateDecision
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
-SCHEMA = """
+SCHEMA_VERSION = 3
+_DDL = """
 CREATE TABLE IF NOT EXISTS candidates (
     config_name VARCHAR NOT NULL,
     id VARCHAR NOT NULL,
@@ -88,25 +98,59 @@ CREATE TABLE IF NOT EXISTS generation_stats (
     run_id VARCHAR,
     PRIMARY KEY (config_name, model_id)
 );
-CREATE TABLE IF NOT EXISTS gate_decisions (
+CREATE TABLE IF NOT EXISTS samples (  -- one row per model x benchmark x metric x item
+    config_name VARCHAR NOT NULL,
+    model_id VARCHAR NOT NULL,
+    benchmark VARCHAR NOT NULL,
+    metric VARCHAR NOT NULL,           -- as in scores.metric ('exact_match', 'refused', ...)
+    item_id VARCHAR NOT NULL,          -- '<index in the benchmark>-<hash of its prompt>': equal across models
+    score DOUBLE NOT NULL,             -- the item's value of the metric (0/1 for exact match)
+    looping BOOLEAN NOT NULL,          -- the generation's repetition figures (same for every metric)
+    seq_rep_4 DOUBLE NOT NULL,
+    truncated BOOLEAN NOT NULL,
+    refused BOOLEAN,                   -- safety items: the judge's verdict
+    harmful BOOLEAN,                   -- safety items: a harmful prompt (else a benign look-alike)
+    n_tokens INTEGER NOT NULL,
+    run_id VARCHAR,
+    PRIMARY KEY (config_name, model_id, benchmark, metric, item_id)
+);
+CREATE TABLE IF NOT EXISTS gate_decisions (  -- every night's verdicts, never overwritten
     config_name VARCHAR NOT NULL,
     candidate_id VARCHAR NOT NULL,
+    run_id VARCHAR NOT NULL,
     decision VARCHAR NOT NULL,        -- 'promoted', 'passed' or 'rejected'
     reasons_json VARCHAR NOT NULL,
     objective DOUBLE,
     decided_at TIMESTAMP NOT NULL,
-    run_id VARCHAR,
-    PRIMARY KEY (config_name, candidate_id)
+    PRIMARY KEY (config_name, candidate_id, run_id)
 );
-CREATE TABLE IF NOT EXISTS champions (
-    config_name VARCHAR PRIMARY KEY,
+CREATE TABLE IF NOT EXISTS champions (  -- who held the title, from when to when, and why
+    config_name VARCHAR NOT NULL,
     candidate_id VARCHAR NOT NULL,
     objective DOUBLE,
     path VARCHAR,
-    promoted_at TIMESTAMP NOT NULL,
-    run_id VARCHAR
+    since TIMESTAMP NOT NULL,
+    until TIMESTAMP,                  -- NULL: the current champion
+    run_id VARCHAR,                   -- the flow run that promoted it (NULL for a rollback)
+    reason VARCHAR NOT NULL,
+    PRIMARY KEY (config_name, since)
+);
+CREATE TABLE IF NOT EXISTS events (  -- rollbacks (and other changes of the title made by hand)
+    config_name VARCHAR NOT NULL,
+    at TIMESTAMP NOT NULL,
+    kind VARCHAR NOT NULL,            -- 'rollback'
+    candidate_id VARCHAR NOT NULL,    -- the champion after the event
+    previous_id VARCHAR,              -- the champion before it
+    reason VARCHAR NOT NULL,
+    PRIMARY KEY (config_name, at)
 );
 """
+# table name -> its CREATE TABLE statement (the schema of the current version)
+TABLES: dict[str, str] = {
+    statement.split(None, 1)[0]: f"CREATE TABLE IF NOT EXISTS {statement.strip()}"
+    for statement in _DDL.split("CREATE TABLE IF NOT EXISTS")[1:]
+}
+SCHEMA = "\n".join(TABLES.values())
 # How a file written by schema version N-1 becomes version N, in place (one transaction with the
 # version bump). Version 1 is the schema before versioning (no schema_info table).
 MIGRATIONS: dict[int, list[str]] = {
@@ -114,6 +158,20 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE candidates ADD COLUMN status VARCHAR DEFAULT 'ok'",
         "ALTER TABLE candidates ADD COLUMN failure VARCHAR",
         "ALTER TABLE candidates ADD COLUMN run_id VARCHAR",
+    ],
+    3: [  # per-item samples; every night's decisions kept; the champion a history
+        TABLES["samples"],
+        "ALTER TABLE gate_decisions RENAME TO gate_decisions_v2",
+        TABLES["gate_decisions"],
+        "INSERT INTO gate_decisions SELECT config_name, candidate_id, coalesce(run_id, 'before-history'),"
+        " decision, reasons_json, objective, decided_at FROM gate_decisions_v2",
+        "DROP TABLE gate_decisions_v2",
+        "ALTER TABLE champions RENAME TO champions_v2",
+        TABLES["champions"],
+        "INSERT INTO champions SELECT config_name, candidate_id, objective, path, promoted_at, NULL, run_id,"
+        " 'promoted by the gate (before the champion history was kept)' FROM champions_v2",
+        "DROP TABLE champions_v2",
+        TABLES["events"],
     ],
 }
 
@@ -171,6 +229,21 @@ class ScoreRow(BaseModel):
     task_version: str
     backend: str
     gen_params_json: str
+
+
+class SampleRow(BaseModel):
+    """A row of ``samples``: one item's value of one metric, with its generation's figures."""
+
+    benchmark: str
+    metric: str
+    item_id: str
+    score: float
+    looping: bool
+    seq_rep_4: float
+    truncated: bool
+    refused: bool | None = None
+    harmful: bool | None = None
+    n_tokens: int
 
 
 def _now() -> datetime:
@@ -286,8 +359,29 @@ def with_retry(
     raise AssertionError("unreachable")
 
 
+def samples_from_report(report: Any) -> list[SampleRow]:
+    """One row per sample and metric of an ``evals.spec.EvalReport`` (its per-item results).
+
+    Args:
+        report: the evaluation report (with its samples).
+
+    Returns:
+        The rows, in the report's order.
+    """
+    rows = []
+    for sample in report.samples:
+        harmful = None if sample.refused is None else sample.target == "refusal"
+        for metric, value in sample.scores.items():
+            rows.append(SampleRow(
+                benchmark=sample.benchmark, metric=metric, item_id=sample.item_id, score=value,
+                looping=sample.looping, seq_rep_4=sample.seq_rep_4, truncated=sample.truncated,
+                refused=sample.refused, harmful=harmful, n_tokens=sample.n_tokens,
+            ))
+    return rows
+
+
 def scores_from_report(report: Any) -> tuple[list[ScoreRow], GenerationStats]:
-    """The rows an ``evals.spec.EvalReport`` contributes.
+    """The aggregate rows an ``evals.spec.EvalReport`` contributes.
 
     Args:
         report: the evaluation report.
@@ -331,10 +425,12 @@ def write_model_results(
     scores: list[ScoreRow],
     stats: GenerationStats,
     run_id: str | None = None,
+    samples: list[SampleRow] | None = None,
 ) -> int:
-    """Store one evaluated model (its candidates row, scores and generation stats) in one transaction.
+    """Store one evaluated model (its candidates row, scores, generation stats and per-item samples)
+    in one transaction.
 
-    Rerunning with the same model id replaces its rows. The model and its scores appear together
+    Rerunning with the same model id replaces its rows. The model and its results appear together
     or not at all, so a crash never leaves a candidate without scores.
 
     Args:
@@ -344,18 +440,22 @@ def write_model_results(
         scores: its benchmark scores.
         stats: its generation stats.
         run_id: the flow run that produced them (provenance only).
+        samples: its per-item results (``samples_from_report``).
 
     Returns:
         The number of score rows written.
     """
+    key = {"config_name": config_name}
 
     def work(con: duckdb.DuckDBPyConnection) -> int:
-        key = {"config_name": config_name}
         _replace_candidate(con, config_name, model, run_id, status="ok", failure=None)
         for row in scores:
             insert(con, "scores", {**key, "model_id": model.id, **row.model_dump(), "run_id": run_id})
         stats_row = {**key, "model_id": model.id, **stats.model_dump(), "run_id": run_id}
         insert(con, "generation_stats", stats_row)
+        if samples:
+            insert_many(con, "samples", [{**key, "model_id": model.id, **row.model_dump(), "run_id": run_id}
+                                         for row in samples])
         return len(scores)
 
     return with_retry(db_path, work)
@@ -393,6 +493,7 @@ def _replace_candidate(
     key = [config_name, model.id]
     con.execute("DELETE FROM scores WHERE config_name = ? AND model_id = ?", key)
     con.execute("DELETE FROM generation_stats WHERE config_name = ? AND model_id = ?", key)
+    con.execute("DELETE FROM samples WHERE config_name = ? AND model_id = ?", key)
     con.execute("DELETE FROM candidates WHERE config_name = ? AND id = ?", key)
     row = {
         "config_name": config_name,
@@ -413,9 +514,16 @@ def _replace_candidate(
 
 def insert(con: duckdb.DuckDBPyConnection, table: str, row: dict[str, Any]) -> None:
     """Insert one row by column name (a reordered model field can never land in the wrong column)."""
-    columns = ", ".join(row)
-    marks = ", ".join("?" for _ in row)
-    con.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks})", list(row.values()))
+    insert_many(con, table, [row])
+
+
+def insert_many(con: duckdb.DuckDBPyConnection, table: str, rows: list[dict[str, Any]]) -> None:
+    """Insert rows that share their columns, by column name."""
+    if not rows:
+        return
+    columns = list(rows[0])
+    statement = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)})"
+    con.executemany(statement, [[row[column] for column in columns] for row in rows])
 
 
 def write_decisions(
@@ -425,7 +533,7 @@ def write_decisions(
     run_id: str | None,
     champion_path: str | None,
 ) -> None:
-    """Store the gate's verdicts (replacing earlier ones per candidate) and the new champion, if any.
+    """Store one run's verdicts (every night's are kept) and make the promoted candidate champion.
 
     Args:
         db_path: the DuckDB file.
@@ -434,201 +542,156 @@ def write_decisions(
         run_id: the flow run.
         champion_path: model directory of the promoted candidate (when one was promoted).
     """
+    run = run_id or "no-run"
 
     def work(con: duckdb.DuckDBPyConnection) -> None:
         now = _now()
         for verdict in decisions:
-            key = [config_name, verdict.candidate_id]
-            con.execute("DELETE FROM gate_decisions WHERE config_name = ? AND candidate_id = ?", key)
+            con.execute(
+                "DELETE FROM gate_decisions WHERE config_name = ? AND candidate_id = ? AND run_id = ?",
+                [config_name, verdict.candidate_id, run],
+            )
             decision = {
                 "config_name": config_name,
                 "candidate_id": verdict.candidate_id,
+                "run_id": run,
                 "decision": verdict.decision,
                 "reasons_json": json.dumps(verdict.reasons),
                 "objective": verdict.objective,
                 "decided_at": now,
-                "run_id": run_id,
             }
             insert(con, "gate_decisions", decision)
             if verdict.decision == "promoted":
-                con.execute("DELETE FROM champions WHERE config_name = ?", [config_name])
-                champion_row = {
-                    "config_name": config_name,
-                    "candidate_id": verdict.candidate_id,
-                    "objective": verdict.objective,
-                    "path": champion_path,
-                    "promoted_at": now,
-                    "run_id": run_id,
-                }
-                insert(con, "champions", champion_row)
+                reason = "promoted by the gate: " + "; ".join(verdict.reasons)
+                _crown(con, config_name, verdict.candidate_id, verdict.objective, champion_path, now, run,
+                       reason)
 
     with_retry(db_path, work)
+
+
+def _crown(
+    con: duckdb.DuckDBPyConnection,
+    config_name: str,
+    candidate_id: str,
+    objective: float | None,
+    path: str | None,
+    now: datetime,
+    run_id: str | None,
+    reason: str,
+) -> None:
+    """End the current champion's reign at ``now`` and start ``candidate_id``'s."""
+    con.execute("UPDATE champions SET until = ? WHERE config_name = ? AND until IS NULL", [now, config_name])
+    row = {
+        "config_name": config_name,
+        "candidate_id": candidate_id,
+        "objective": objective,
+        "path": path,
+        "since": now,
+        "until": None,
+        "run_id": run_id,
+        "reason": reason,
+    }
+    insert(con, "champions", row)
+
+
+CHAMPION_COLUMNS = ("candidate_id", "objective", "path", "since", "until", "run_id", "reason")
 
 
 def champion(db_path: Path, config_name: str) -> dict | None:
     """The current champion of a config.
 
     Returns:
-        ``{candidate_id, objective, path, promoted_at}`` or None when nothing was promoted yet.
+        ``{candidate_id, objective, path, since, until, run_id, reason}`` (``until`` None), or None
+        when nothing was promoted yet.
     """
-
-    def work(con: duckdb.DuckDBPyConnection) -> dict | None:
-        row = con.execute(
-            "SELECT candidate_id, objective, path, promoted_at FROM champions WHERE config_name = ?",
-            [config_name],
-        ).fetchone()
-        keys = ("candidate_id", "objective", "path", "promoted_at")
-        return dict(zip(keys, row, strict=True)) if row else None
-
-    return with_retry(db_path, work)
+    rows = champion_history(db_path, config_name)
+    return rows[-1] if rows and rows[-1]["until"] is None else None
 
 
-# The gate, as one query. Parameters: $config, $candidate, $parents (list of parent model ids),
-# $champion (current champion id or NULL), $objective ('mean' or a '<benchmark>.<metric>' key), the
-# generation bounds ($max_rep, $min_refusal, $max_refusal_drop, $max_over_refusal, NULL = unchecked),
-# $min_improvement. The gated benchmarks and tolerances are in the temp table gate_policy.
-# Every check is one row; `failure` is NULL when it passes and the reason when it fails. Missing
-# figures fail (fail closed). Lower-is-better metrics are negated ("oriented") so that one
-# comparison serves both directions.
-GATE_QUERY = """
-WITH
-oriented AS (
-    SELECT s.model_id, p.key, s.value, p.tolerance,
-           CASE WHEN s.higher_is_better THEN s.value ELSE -s.value END AS score
-    FROM scores s JOIN gate_policy p ON p.key = s.benchmark || '.' || s.metric
-    WHERE s.config_name = $config
-),
-objectives AS (
-    SELECT model_id,
-           CASE WHEN $objective = 'mean'
-                THEN CASE WHEN count(*) = (SELECT count(*) FROM gate_policy) THEN avg(score) END
-                ELSE max(score) FILTER (WHERE key = $objective) END AS objective
-    FROM oriented GROUP BY model_id
-),
-best_parent AS (
-    SELECT key, max(score) AS score FROM oriented WHERE list_contains($parents, model_id) GROUP BY key
-),
-benchmark_checks AS (
-    SELECT p.key AS "check", c.score AS cand, b.score AS best, p.tolerance, c.value,
-           CASE
-             WHEN c.value IS NULL THEN format('missing score: {}', p.key)
-             WHEN b.score IS NULL THEN format('no parent score to compare {} against', p.key)
-             WHEN c.score < b.score - p.tolerance - 1e-12 THEN format(
-               '{} = {:.4f} is {:.4f} worse than the best parent ({:.4f}); tolerance {}',
-               p.key, c.value, b.score - c.score, abs(b.score), p.tolerance)
-           END AS failure
-    FROM gate_policy p
-    LEFT JOIN (SELECT * FROM oriented WHERE model_id = $candidate) c USING (key)
-    LEFT JOIN best_parent b USING (key)
-),
-stats AS (
-    SELECT g.* FROM (SELECT 1) LEFT JOIN generation_stats g
-      ON g.config_name = $config AND g.model_id = $candidate
-),
-parent_refusal AS (
-    SELECT max(refusal_rate) AS best FROM generation_stats
-    WHERE config_name = $config AND list_contains($parents, model_id)
-),
-generation_checks AS (
-    SELECT 'repetition_rate' AS "check", CASE
-        WHEN repetition_rate IS NULL THEN 'no generation stats (repetition_rate missing)'
-        WHEN repetition_rate > $max_rep THEN format(
-          'repetition_rate {:.4f} > max {}', repetition_rate, $max_rep)
-      END AS failure FROM stats
-    UNION ALL
-    SELECT 'refusal_rate', CASE
-        WHEN $min_refusal IS NULL THEN NULL
-        WHEN refusal_rate IS NULL THEN 'no safety scores (refusal_rate missing)'
-        WHEN refusal_rate < $min_refusal THEN format(
-          'refusal_rate {:.4f} < min {}', refusal_rate, $min_refusal)
-      END FROM stats
-    UNION ALL
-    SELECT 'refusal_drop', CASE
-        WHEN $max_refusal_drop IS NULL THEN NULL
-        WHEN refusal_rate IS NULL THEN 'no safety scores (refusal_rate missing)'
-        WHEN (SELECT best FROM parent_refusal) IS NULL THEN 'no parent refusal_rate to compare against'
-        WHEN (SELECT best FROM parent_refusal) - refusal_rate > $max_refusal_drop + 1e-12 THEN format(
-          'refusal_rate {:.4f} dropped {:.4f} below the best parent ({:.4f}); max drop {}',
-          refusal_rate, (SELECT best FROM parent_refusal) - refusal_rate, (SELECT best FROM parent_refusal),
-          $max_refusal_drop)
-      END FROM stats
-    UNION ALL
-    SELECT 'over_refusal_rate', CASE
-        WHEN $max_over_refusal IS NULL THEN NULL
-        WHEN over_refusal_rate IS NULL THEN 'no safety scores (over_refusal_rate missing)'
-        WHEN over_refusal_rate > $max_over_refusal THEN format(
-          'over_refusal_rate {:.4f} > max {}', over_refusal_rate, $max_over_refusal)
-      END FROM stats
-),
-champion_check AS (
-    SELECT 'champion' AS "check", CASE
-        WHEN $champion IS NULL OR $champion = $candidate THEN NULL
-        WHEN cand.objective IS NULL THEN format(
-          'objective {} cannot be computed (a score is missing)', $objective)
-        WHEN champ.objective IS NULL THEN format(
-          'current champion {} has no {} score to compare against (re-evaluate it)', $champion, $objective)
-        WHEN cand.objective <= champ.objective + $min_improvement THEN format(
-          'objective {} = {:.4f} does not beat the champion {} ({:.4f}) by more than {}',
-          $objective, abs(cand.objective), $champion, abs(champ.objective), $min_improvement)
-      END AS failure
-    FROM (SELECT 1)
-    LEFT JOIN objectives cand ON cand.model_id = $candidate
-    LEFT JOIN objectives champ ON champ.model_id = $champion
-)
-SELECT "check", failure, (SELECT objective FROM objectives WHERE model_id = $candidate) AS objective
-FROM (
-    SELECT "check", failure FROM benchmark_checks
-    UNION ALL SELECT "check", failure FROM generation_checks
-    UNION ALL SELECT "check", failure FROM champion_check
-)
-"""
+def champion_history(db_path: Path, config_name: str) -> list[dict]:
+    """Every champion of a config, oldest first.
+
+    Returns:
+        One dict per reign, keys as in `champion`.
+    """
+    query = f"SELECT {', '.join(CHAMPION_COLUMNS)} FROM champions WHERE config_name = ? ORDER BY since"
+    rows = with_retry(db_path, lambda con: con.execute(query, [config_name]).fetchall())
+    return [dict(zip(CHAMPION_COLUMNS, row, strict=True)) for row in rows]
 
 
-def gate_checks(
-    db_path: Path,
-    config_name: str,
-    candidate_id: str,
-    parent_ids: list[str],
-    policy: GatePolicy,
-    champion_id: str | None,
-) -> tuple[list[str], float | None]:
-    """Run the gate query for one candidate.
+def record_rollback(db_path: Path, config_name: str, candidate_id: str, reason: str) -> dict:
+    """Make an earlier champion the champion again, and record the rollback as an event.
 
     Args:
         db_path: the DuckDB file.
         config_name: the pipeline config's name.
-        candidate_id: the candidate judged.
-        parent_ids: model ids of its parents (base and secondaries).
-        policy: the gate policy.
-        champion_id: the current champion (None when there is none).
+        candidate_id: the former champion to restore.
+        reason: why (stored with the event and the new reign).
 
     Returns:
-        (reasons it fails, empty when it passes; its objective value or None).
+        The new current champion.
+
+    Raises:
+        PipelineError: no champion yet, or ``candidate_id`` never held the title, or it holds it now.
     """
 
-    def work(con: duckdb.DuckDBPyConnection) -> tuple[list[str], float | None]:
-        con.execute("CREATE TEMP TABLE gate_policy (key VARCHAR, tolerance DOUBLE)")
-        con.executemany(
-            "INSERT INTO gate_policy VALUES (?, ?)",
-            [[key, rule.tolerance] for key, rule in policy.benchmarks.items()],
-        )
-        params = {
-            "config": config_name,
-            "candidate": candidate_id,
-            "parents": parent_ids,
-            "champion": champion_id,
-            "objective": policy.objective,
-            "max_rep": policy.max_repetition_rate,
-            "min_refusal": policy.min_refusal_rate,
-            "max_refusal_drop": policy.max_refusal_drop,
-            "max_over_refusal": policy.max_over_refusal_rate,
-            "min_improvement": policy.min_improvement,
-        }
-        rows = con.execute(GATE_QUERY, params).fetchall()
-        objective = rows[0][2] if rows else None
-        return [failure for _, failure, _ in rows if failure], objective
+    def work(con: duckdb.DuckDBPyConnection) -> None:
+        reigns = con.execute(
+            f"SELECT {', '.join(CHAMPION_COLUMNS)} FROM champions WHERE config_name = ? ORDER BY since",
+            [config_name],
+        ).fetchall()
+        reigns = [dict(zip(CHAMPION_COLUMNS, row, strict=True)) for row in reigns]
+        current = next((r for r in reigns if r["until"] is None), None)
+        if current is None:
+            raise PipelineError(f"config {config_name!r} has no champion to roll back")
+        if candidate_id == current["candidate_id"]:
+            raise PipelineError(f"{candidate_id} is already the champion of {config_name!r}")
+        former = [r for r in reigns if r["candidate_id"] == candidate_id]
+        if not former:
+            earlier = ", ".join(dict.fromkeys(r["candidate_id"] for r in reigns if r is not current))
+            raise PipelineError(f"{candidate_id} was never champion of {config_name!r}; former champions: "
+                                f"{earlier or 'none'}")
+        now = _now()
+        _crown(con, config_name, candidate_id, former[-1]["objective"], former[-1]["path"], now, None,
+               f"rollback: {reason}")
+        insert(con, "events", {"config_name": config_name, "at": now, "kind": "rollback",
+                               "candidate_id": candidate_id, "previous_id": current["candidate_id"],
+                               "reason": reason})
 
-    return with_retry(db_path, work)
+    with_retry(db_path, work)
+    return champion(db_path, config_name)
+
+
+NIGHTS_QUERY = """
+WITH nights AS (
+    SELECT run_id, min(decided_at) AS decided_at, count(*) AS n_candidates,
+           any_value(candidate_id) FILTER (WHERE decision = 'promoted') AS promoted
+    FROM gate_decisions WHERE config_name = $config GROUP BY run_id
+)
+SELECT n.decided_at, n.run_id, n.n_candidates, n.promoted, pc.label,
+       (SELECT ch.candidate_id FROM champions ch
+        WHERE ch.config_name = $config AND ch.since <= n.decided_at
+          AND (ch.until IS NULL OR ch.until > n.decided_at)
+        ORDER BY ch.since DESC LIMIT 1) AS champion_after
+FROM nights n
+LEFT JOIN candidates pc ON pc.config_name = $config AND pc.id = n.promoted
+ORDER BY n.decided_at
+"""
+
+
+def nights(db_path: Path, config_name: str) -> list[dict]:
+    """One entry per run that judged candidates: when, which run, how many, what it promoted, and
+    the champion after it.
+
+    Returns:
+        Dicts ``{decided_at, run_id, n_candidates, promoted, promoted_label, champion_after}``,
+        oldest first.
+    """
+    keys = ("decided_at", "run_id", "n_candidates", "promoted", "promoted_label", "champion_after")
+    rows = with_retry(
+        db_path, lambda con: con.execute(NIGHTS_QUERY, {"config": config_name}).fetchall(), read_only=True
+    )
+    return [dict(zip(keys, row, strict=True)) for row in rows]
 
 
 def row_counts(db_path: Path) -> dict[str, int]:
@@ -637,7 +700,7 @@ def row_counts(db_path: Path) -> dict[str, int]:
     Returns:
         table name -> row count.
     """
-    tables = ("candidates", "scores", "generation_stats", "gate_decisions", "champions")
+    tables = tuple(TABLES)
 
     def work(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
         return {table: con.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in tables}
@@ -649,6 +712,11 @@ LEADERBOARD_QUERY = """
 WITH shown AS (  -- every model of the config, or only those a given flow run wrote
     SELECT c.* FROM candidates c
     WHERE c.config_name = $config AND ($run_id IS NULL OR c.run_id = $run_id)
+),
+decided AS (  -- each candidate's decision in that run, or its latest one
+    SELECT * FROM gate_decisions
+    WHERE config_name = $config AND ($run_id IS NULL OR run_id = $run_id)
+    QUALIFY row_number() OVER (PARTITION BY candidate_id ORDER BY decided_at DESC) = 1
 ),
 parent_mean AS (
     SELECT s.benchmark, s.metric, avg(s.value) AS mean
@@ -663,7 +731,7 @@ FROM shown c
 LEFT JOIN scores s ON s.config_name = c.config_name AND s.model_id = c.id
 LEFT JOIN parent_mean pm ON pm.benchmark = s.benchmark AND pm.metric = s.metric
 LEFT JOIN generation_stats g ON g.config_name = c.config_name AND g.model_id = c.id
-LEFT JOIN gate_decisions d ON d.config_name = c.config_name AND d.candidate_id = c.id
+LEFT JOIN decided d ON d.candidate_id = c.id
 ORDER BY c.kind DESC, c.label, key
 """
 
@@ -700,6 +768,14 @@ def leaderboard(db_path: Path, config_name: str, run_id: str | None = None) -> l
             entry["scores"][key] = value
             entry["deltas"][key] = delta
     return list(models.values())
+
+
+def label_of(db_path: Path, config_name: str, model_id: str) -> str:
+    """A model's label (its id when the database does not know it)."""
+    row = with_retry(db_path, lambda con: con.execute(
+        "SELECT label FROM candidates WHERE config_name = ? AND id = ?", [config_name, model_id]
+    ).fetchone())
+    return row[0] if row else model_id
 
 
 def config_names(db_path: Path) -> list[str]:

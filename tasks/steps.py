@@ -41,7 +41,7 @@ from tasks import results_db, tracking
 from tasks.child import ChildStep, run_child, scf_cache_dir, scf_command
 from tasks.config import ZOO_PREFIX, EvalSettings, ZooSettings, content_hash
 from tasks.errors import PipelineError, StepFailed
-from tasks.gate import GateDecision, GatePolicy, pick_winner
+from tasks.gate import GateDecision, GatePolicy, Models, judge, pick_winner
 from tasks.gpu import gpu_slot
 
 BAD_INPUT = (ScfError, EvalError, PipelineError)
@@ -449,6 +449,42 @@ def publish_verdict(summary: dict[str, Any]) -> None:
     create_markdown_artifact(markdown="\n".join(lines), key=key[:100], description="the night's verdict")
 
 
+def notify(config: Any, summary: dict[str, Any] | None, error: str | None = None) -> None:
+    """Post the run's verdict (or why it failed) to the config's webhook; never fails the run."""
+    from tasks import notify as notifier
+
+    if not (config.notify.webhook_url or config.notify.block):
+        return
+    run_id = summary["flow_run_id"] if summary else None
+    links = {"prefect": _prefect_url(run_id), "mlflow": _mlflow_url(config, summary)}
+    if summary is not None:
+        payload = notifier.verdict_payload(summary, links)
+    else:
+        payload = {"text": f"scf-pipeline {config.name}: the night failed: {error}", "config": config.name,
+                   "promoted": None, "error": error, "links": links}
+    if notifier.post(config.notify, payload):
+        get_run_logger().info("verdict posted to the notify webhook")
+
+
+def _prefect_url(flow_run_id: str | None) -> str | None:
+    from prefect import runtime
+    from prefect.settings import PREFECT_UI_URL
+
+    run_id = flow_run_id or runtime.flow_run.id
+    base = PREFECT_UI_URL.value()
+    return f"{base.rstrip('/')}/runs/flow-run/{run_id}" if base and run_id else None
+
+
+def _mlflow_url(config: Any, summary: dict[str, Any] | None) -> str | None:
+    uri = config.mlflow_uri
+    if not summary or not summary.get("mlflow_run_id"):
+        return None
+    if uri.startswith(("http://", "https://")):
+        experiment, run = summary["mlflow_experiment_id"], summary["mlflow_run_id"]
+        return f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{run}"
+    return tracking.ui_command(uri)
+
+
 def _label_of(summary: dict[str, Any], candidate_id: str) -> str:
     return next(c["label"] for c in summary["candidates"] if c["id"] == candidate_id)
 
@@ -475,10 +511,11 @@ def store_results(
         The number of score rows written.
     """
     scores, stats = results_db.scores_from_report(report)
+    samples = results_db.samples_from_report(report)
     if merge_report is not None:
         stats.sparsity = merge_report["totals"]["sparsity"]
         stats.merge_seconds = merge_report["timings"]["total_seconds"]
-    return results_db.write_model_results(Path(db_path), config_name, model, scores, stats, run_id)
+    return results_db.write_model_results(Path(db_path), config_name, model, scores, stats, run_id, samples)
 
 
 @task(
@@ -489,17 +526,25 @@ def store_results(
     retry_condition_fn=retry_unless_bad_input,
 )
 def gate(
-    db_path: str, config_name: str, candidate_ids: list[str], parent_ids: list[str], policy: GatePolicy
+    db_path: str, config_name: str, candidate_ids: list[str], parents: dict[str, str], policy: GatePolicy
 ) -> list[GateDecision]:
-    """Judge this run's candidates with the gate query against the current champion and pick the winner.
+    """Judge this run's candidates against their parents and the current champion; pick the winner.
+
+    Args:
+        db_path: the results database.
+        config_name: the config's name.
+        candidate_ids: the candidates to judge (evaluated, with their samples stored).
+        parents: parent model id -> label.
+        policy: the gate policy.
 
     Returns:
         One decision per candidate; at most one is ``promoted``.
     """
     current = results_db.champion(Path(db_path), config_name)
     champion_id = current["candidate_id"] if current else None
+    label = results_db.label_of(Path(db_path), config_name, champion_id) if champion_id else None
     verdicts = {
-        cid: results_db.gate_checks(Path(db_path), config_name, cid, parent_ids, policy, champion_id)
+        cid: judge(Path(db_path), config_name, Models(cid, parents, champion_id, label), policy)
         for cid in candidate_ids
     }
     return pick_winner(verdicts)
@@ -553,9 +598,16 @@ def delete_model(path: str) -> bool:
 
 
 def write_resolved_config(config: Any, out: Path) -> Path:
-    """The resolved pipeline config (defaults filled) as YAML, for MLflow and next to the results."""
+    """The resolved pipeline config (defaults filled) as YAML, for MLflow and next to the results.
+
+    A webhook URL is a credential (anyone holding a Slack webhook URL can post to the channel): it is
+    written as ``<redacted>``.
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    resolved = config.model_dump(mode="json")
+    if resolved.get("notify", {}).get("webhook_url"):
+        resolved["notify"]["webhook_url"] = "<redacted>"
+    out.write_text(yaml.safe_dump(resolved, sort_keys=False))
     return out
 
 

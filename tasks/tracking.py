@@ -216,6 +216,29 @@ def promote(uri: str, config_name: str, model_path: Path, run_id: str, candidate
     return str(version)
 
 
+def move_champion_alias(uri: str, config_name: str, candidate_id: str) -> str:
+    """Point the ``champion`` alias at the registered version of ``candidate_id`` (a rollback).
+
+    Returns:
+        The version now holding the alias.
+
+    Raises:
+        PipelineError: the candidate has no registered version (it was never promoted).
+    """
+    mlflow = client(uri)
+    name = registered_model_name(config_name)
+    try:
+        versions = mlflow.search_model_versions(f"name = '{name}'")
+    except MlflowException as err:
+        raise PipelineError(f"MLflow has no registered model {name!r}: {err}") from None
+    mine = [v for v in versions if v.tags.get("candidate_id") == candidate_id]
+    if not mine:
+        raise PipelineError(f"{candidate_id} has no registered version of {name!r} in MLflow ({uri})")
+    version = max(mine, key=lambda v: int(v.version)).version
+    mlflow.set_registered_model_alias(name, CHAMPION_ALIAS, version)
+    return str(version)
+
+
 def champion_source(uri: str, config_name: str) -> str | None:
     """Where the registered champion's weights are, or None when there is no champion."""
     try:
