@@ -39,6 +39,12 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: auto")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
     parser.add_argument("--limit", type=int, default=None, help="at most N samples per benchmark")
+    parser.add_argument(
+        "--items",
+        metavar="START:STOP",
+        help="only items [START, STOP) of each benchmark, after --limit: positions (2:5, 10:) or "
+        "shares of each benchmark's items (0.25:0.5)",
+    )
     gen = parser.add_argument_group("decoding (default: the suite's settings)")
     gen.add_argument("--max-new-tokens", type=int, help="tokens generated per prompt at most")
     gen.add_argument("--temperature", type=float, help="0 = greedy")
@@ -148,6 +154,7 @@ def build_spec(args: argparse.Namespace):
             device=args.device,
             dtype=args.dtype,
             limit=args.limit,
+            items=parse_items(args.items),
             gen=gen,
             safety={"files": tuple(args.safety_data)},
             chat_template=not args.no_chat_template,
@@ -159,6 +166,31 @@ def build_spec(args: argparse.Namespace):
         )
     except ValidationError as err:
         raise EvalError(_describe(err)) from err
+
+
+def parse_items(text: str | None) -> dict | None:
+    """`--items START:STOP` as `ItemSlice` fields: whole numbers are positions, decimals are shares.
+
+    Args:
+        text: "2:5", "10:" (to the end), "0.25:0.5"; None when the flag is not given.
+
+    Returns:
+        The fields (validated by `EvalSpec`), or None.
+
+    Raises:
+        EvalError: not of the form START:STOP with numbers.
+    """
+    if text is None:
+        return None
+    start, sep, stop = text.partition(":")
+    unit = "share" if "." in text else "index"
+    number = float if unit == "share" else int
+    try:
+        if not sep:
+            raise ValueError
+        return {"start": number(start or 0), "stop": number(stop) if stop else None, "unit": unit}
+    except ValueError:
+        raise EvalError(f"--items: expected START:STOP (e.g. 2:5, 10: or 0.25:0.5), got {text!r}") from None
 
 
 def _spec_from_file(path: Path):

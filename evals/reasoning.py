@@ -7,6 +7,12 @@ generation pass serves both. lm-eval returns text only, so the text is
 tokenized back to ids with the model's tokenizer, and a generation counts as truncated when it has
 `max_new_tokens` tokens or more.
 
+Items: each logged document becomes one `Sample` whose `item_id` is lm-eval's doc_id plus a hash of
+the document itself (not of the rendered prompt, which holds the chat template and few-shot
+examples), and whose `scores` hold the document's value of every metric under every filter. An
+`ItemSlice` runs only some documents of each task, through `simple_evaluate(samples=...)`: the
+tasks are loaded once here, to count their documents, and handed to lm-eval as loaded objects.
+
 Toy benchmarks (`toy_math`, `toy_strings`) are lm-eval YAML tasks shipped in `evals/lm_tasks/`;
 `prepare_toy_tasks` writes the held-out test sets and copies of the YAML files, with absolute
 data paths, to a cache directory, and lm-eval loads them from there with
@@ -32,7 +38,7 @@ import yaml
 from evals import toytasks
 from evals.errors import EvalError
 from evals.repetition import score_sample
-from evals.spec import BenchmarkScore, GenParams, LoopThresholds, Sample
+from evals.spec import BenchmarkScore, GenParams, ItemSlice, LoopThresholds, Sample, item_id, item_positions
 
 TOY_TASK_FILES = {"toy_math": "math", "toy_strings": "strings"}  # task -> toytasks task
 # Closed-form stderr for mean metrics needs no resampling; other aggregations get this many.
@@ -44,8 +50,8 @@ class LmEvalRun:
     """What one lm-eval run produced.
 
     Attributes:
-        scores: one BenchmarkScore per (requested task or group, metric, filter).
-        samples: every generation, with repetition figures and exact-match correctness.
+        scores: one BenchmarkScore per (requested task or group, metric, filter), over the items run.
+        samples: one per item: its generation, repetition figures, correctness and per-item scores.
         config: the resolved lm-eval settings (model args, gen kwargs, task configs' versions).
     """
 
@@ -143,6 +149,7 @@ def run_lm_eval(
     *,
     gen: GenParams,
     limit: int | None,
+    items: ItemSlice | None = None,
     loop: LoopThresholds,
     chat_template: bool,
     tokenizer,
@@ -158,6 +165,8 @@ def run_lm_eval(
         tasks: lm-eval task or group names.
         gen: decoding settings.
         limit: samples per task (None = all).
+        items: only this slice of each task's documents (after `limit`; each subtask of a group on
+            its own); a task with no document in the slice is left out. None = all up to limit.
         loop: loop thresholds for the samples.
         chat_template: apply the tokenizer's chat template (when it has one).
         tokenizer: the model's tokenizer (turns generations back into ids; tells if it has a template).
@@ -170,7 +179,7 @@ def run_lm_eval(
         The run's scores, samples and resolved config.
 
     Raises:
-        EvalError: unknown task names.
+        EvalError: unknown task names, a tag name, a dataset missing offline, a missing package.
     """
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -184,13 +193,28 @@ def run_lm_eval(
             hint = f"; did you mean: {', '.join(close)}" if close else ""
             raise EvalError(f"unknown lm-eval task {task!r}{hint}")
     use_template = chat_template and bool(getattr(tokenizer, "chat_template", None))
-    try:
+    config = {
+        "model": type(lm).__name__,
+        "device": device,
+        "gen_kwargs": gen_kwargs(gen),
+        "apply_chat_template": use_template,
+    }
+    with _data_errors(tasks):
+        loaded = {task: _load_task(manager, task) for task in tasks}
+        indices = None
+        if items is not None:
+            indices = _item_indices(loaded.values(), limit, items)
+            pruned = {name: _prune(task, indices) for name, task in loaded.items()}
+            loaded = {name: task for name, task in pruned.items() if task is not None}
+        if not loaded:  # the slice holds no item of any task
+            return LmEvalRun(scores=[], samples=[], config={**config, "versions": {}, "n-shot": {}})
         results = lm_eval.simple_evaluate(
             model=lm,
-            tasks=list(tasks),
+            tasks=list(loaded.values()),
             batch_size=gen.batch_size,
             device=device,
-            limit=limit,
+            limit=limit if indices is None else None,  # lm-eval takes one or the other
+            samples=indices,
             log_samples=True,
             apply_chat_template=use_template,
             gen_kwargs=gen_kwargs(gen),
@@ -202,6 +226,20 @@ def run_lm_eval(
             fewshot_random_seed=gen.seed,
             confirm_run_unsafe_code=unsafe_code,
         )
+    scores = [score for task in loaded for score in _scores(results, task)]
+    samples = _samples(results, list(loaded), tokenizer, gen.max_new_tokens, loop)
+    config |= {
+        "versions": {k: str(v) for k, v in results.get("versions", {}).items()},
+        "n-shot": results.get("n-shot", {}),
+    }
+    return LmEvalRun(scores=scores, samples=samples, config=config)
+
+
+@contextlib.contextmanager
+def _data_errors(tasks: Sequence[str]):
+    """Turn lm-eval's failures to load a task's data (or its packages) into one-line EvalErrors."""
+    try:
+        yield
     except ConnectionError as err:  # datasets raises it for a dataset that is not in the local cache
         raise EvalError(
             f"lm-eval could not load the data of {', '.join(tasks)}: {err}; when offline, put the "
@@ -212,17 +250,47 @@ def run_lm_eval(
             f"an lm-eval task of {', '.join(tasks)} needs the Python package {err.name!r}: "
             f"pip install {err.name}"
         ) from err
-    scores = [score for task in tasks for score in _scores(results, task)]
-    samples = _samples(results, tasks, tokenizer, gen.max_new_tokens, loop)
-    config = {
-        "model": type(lm).__name__,
-        "device": device,
-        "gen_kwargs": gen_kwargs(gen),
-        "apply_chat_template": use_template,
-        "versions": {k: str(v) for k, v in results.get("versions", {}).items()},
-        "n-shot": results.get("n-shot", {}),
-    }
-    return LmEvalRun(scores=scores, samples=samples, config=config)
+
+
+def _load_task(manager, name: str):
+    """The loaded lm-eval Task or Group of that name (its datasets loaded, once for the whole run)."""
+    loaded = manager.load(name)
+    for kind in ("groups", "tasks"):
+        if name in loaded[kind]:
+            return loaded[kind][name]
+    # A tag: a set of tasks with no score of its own.
+    members = ", ".join(loaded["tasks"])
+    raise EvalError(f"lm-eval name {name!r} is a tag, not a task or group; name its tasks: {members}")
+
+
+def _leaf_tasks(task) -> list:
+    """The leaf Tasks of a loaded Task or Group (itself for a Task)."""
+    return task.get_all_tasks() if hasattr(task, "get_all_tasks") else [task]
+
+
+def _item_indices(tasks, limit: int | None, items: ItemSlice) -> dict[str, list[int]]:
+    """Each leaf task's document indices in the slice, for `simple_evaluate(samples=...)`.
+
+    Indices are ascending: lm-eval maps a logged doc_id back through this list by position.
+    Leaves with no document in the slice are absent (an empty list would make lm-eval run them all).
+    """
+    indices = {}
+    for task in tasks:
+        for leaf in _leaf_tasks(task):
+            positions = item_positions(len(leaf.eval_docs), limit, items)
+            if positions:
+                indices[leaf.task_name] = list(positions)
+    return indices
+
+
+def _prune(task, indices: dict[str, list[int]]):
+    """The task without its leaves that have no document in the slice; None when nothing is left."""
+    if not hasattr(task, "get_all_tasks"):
+        return task if task.task_name in indices else None
+    for name in task.child_names:
+        if _prune(task.get(name), indices) is None:
+            task.pop(name)
+    return task if len(task) else None
 
 
 def _leaves(results: dict, name: str) -> list[str]:
@@ -231,6 +299,19 @@ def _leaves(results: dict, name: str) -> list[str]:
     if not children:
         return [name]
     return [leaf for child in children for leaf in _leaves(results, child)]
+
+
+def metric_name(metric: str, filter_name: str) -> str:
+    """The name of an lm-eval metric under one filter, as BenchmarkScore and Sample.scores spell it.
+
+    Args:
+        metric: lm-eval's metric name (e.g. "exact_match").
+        filter_name: the filter it was computed after ("none" when the task has no filter_list).
+
+    Returns:
+        The metric for filter "none", else "<metric>_<filter>" (e.g. "exact_match_strict-match").
+    """
+    return metric if filter_name == "none" else f"{metric}_{filter_name}"
 
 
 def _scores(results: dict, task: str) -> list[BenchmarkScore]:
@@ -250,7 +331,7 @@ def _scores(results: dict, task: str) -> list[BenchmarkScore]:
         scores.append(
             BenchmarkScore(
                 benchmark=task,
-                metric=metric if filter_name == "none" else f"{metric}_{filter_name}",
+                metric=metric_name(metric, filter_name),
                 value=float(value),
                 stderr=float(stderr) if isinstance(stderr, int | float) else None,
                 n=n,
@@ -265,24 +346,46 @@ def _scores(results: dict, task: str) -> list[BenchmarkScore]:
 def _samples(
     results: dict, tasks: Sequence[str], tokenizer, max_new_tokens: int, loop: LoopThresholds
 ) -> list[Sample]:
+    """One Sample per logged document: lm-eval logs a document once per filter, with that filter's metrics."""
     out = []
     for task in tasks:
         for leaf in _leaves(results, task):
-            seen: set[int] = set()
+            by_doc: dict[int, list[dict]] = {}  # doc_id -> its logged entries, one per filter
             for logged in results.get("samples", {}).get(leaf, []):
-                if logged["doc_id"] in seen:
-                    continue  # one entry per filter; the generation is the same
-                seen.add(logged["doc_id"])
-                out.append(_sample(task, logged, tokenizer, max_new_tokens, loop))
+                by_doc.setdefault(logged["doc_id"], []).append(logged)
+            for entries in by_doc.values():
+                out.append(_sample(task, leaf, entries, tokenizer, max_new_tokens, loop))
     return out
 
 
-def _sample(benchmark: str, logged: dict, tokenizer, max_new_tokens: int, loop: LoopThresholds) -> Sample:
-    text = logged["resps"][0][0]
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    finish = "length" if len(ids) >= max_new_tokens else "stop"
-    sample = score_sample(benchmark, logged["arguments"][0][0], text, ids, finish, loop)
-    metric = next((m for m in ("exact_match", "acc") if m in logged), None)
-    sample.target = str(logged["target"])
-    sample.correct = bool(logged[metric]) if metric else None
+def _sample(
+    benchmark: str, leaf: str, entries: list[dict], tokenizer, max_new_tokens: int, loop: LoopThresholds
+) -> Sample:
+    first = entries[0]  # the generation is the same under every filter
+    response = first["resps"][0][0]
+    # Log-likelihood tasks (multiple choice) log (logprob, is_greedy) pairs: there is no generation.
+    generated = isinstance(response, str)
+    text = response if generated else ""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] if generated else []
+    finish = ("length" if len(ids) >= max_new_tokens else "stop") if generated else None
+    item = item_id(first["doc_id"], first["doc"], task=None if leaf == benchmark else leaf)
+    sample = score_sample(benchmark, first["arguments"][0][0], text, ids, finish, loop, item_id=item)
+    metric = next((m for m in ("exact_match", "acc") if m in first), None)
+    sample.target = str(first["target"])
+    sample.correct = bool(first[metric]) if metric else None
+    sample.scores = {
+        metric_name(name, entry["filter"]): value
+        for entry in entries
+        for name in entry["metrics"]
+        if (value := _number(entry[name])) is not None
+    }
     return sample
+
+
+def _number(value) -> float | None:
+    """A per-item metric value as a float; None for values that are not one number (lists, pairs)."""
+    if isinstance(value, bool | int | float):
+        return float(value)
+    if getattr(value, "ndim", None) == 0:  # a numpy scalar (np.bool_, np.int64, ...)
+        return float(value.item())
+    return None

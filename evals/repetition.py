@@ -11,7 +11,8 @@ Definitions (per generation):
 - `truncated`: the generation hit max_new_tokens (finish_reason == "length").
 
 Per set of generations (`repetition_stats`): repetition_rate = share looping, mean seq_rep_4,
-truncation_rate = share truncated.
+truncation_rate = share truncated. Items scored without generating (log-likelihood tasks,
+`finish_reason` None) are not generations and count in none of these.
 
 Cost is linear in the length of a generation: seq_rep_n hashes each n-gram once; loop_period
 scans backwards once per candidate period and stops at the first mismatch or as soon as the
@@ -95,11 +96,11 @@ def is_looping(ids: Sequence[int], thresholds: LoopThresholds = DEFAULT_THRESHOL
     return loop_period(ids, thresholds) is not None
 
 
-def is_truncated(finish_reason: FinishReason) -> bool:
+def is_truncated(finish_reason: FinishReason | None) -> bool:
     """Whether a generation hit max_new_tokens instead of stopping.
 
     Args:
-        finish_reason: "stop" or "length".
+        finish_reason: "stop" or "length" (None: no generation).
 
     Returns:
         True for "length".
@@ -111,11 +112,13 @@ def repetition_stats(samples: Sequence[Sample]) -> RepetitionStats:
     """Aggregate repetition figures of scored samples.
 
     Args:
-        samples: samples carrying `looping`, `seq_rep_4` and `truncated`.
+        samples: samples carrying `looping`, `seq_rep_4` and `truncated`; those without a
+            generation (`finish_reason` None) are left out.
 
     Returns:
         repetition_rate, mean_seq_rep_4, truncation_rate and n (all rates 0.0 when empty).
     """
+    samples = [s for s in samples if s.finish_reason is not None]
     n = len(samples)
     if n == 0:
         return RepetitionStats(repetition_rate=0.0, mean_seq_rep_4=0.0, truncation_rate=0.0, n=0)
@@ -132,8 +135,10 @@ def score_sample(
     prompt: str,
     text: str,
     token_ids: Sequence[int],
-    finish_reason: FinishReason,
+    finish_reason: FinishReason | None,
     thresholds: LoopThresholds = DEFAULT_THRESHOLDS,
+    *,
+    item_id: str,
 ) -> Sample:
     """A `Sample` with its repetition figures filled in.
 
@@ -142,18 +147,21 @@ def score_sample(
         prompt: the prompt as given to the model.
         text: the generated text.
         token_ids: the generated token ids.
-        finish_reason: "stop" or "length".
+        finish_reason: "stop" or "length"; None for an item scored without generating.
         thresholds: the loop thresholds.
+        item_id: the item's stable id (`evals.spec.item_id`).
 
     Returns:
-        The sample (target/correct/refused left for the caller to set).
+        The sample (target/correct/refused/scores left for the caller to set).
     """
     period = loop_period(token_ids, thresholds)
     return Sample(
         benchmark=benchmark,
+        item_id=item_id,
         prompt=prompt,
         text=text,
         token_ids=list(token_ids),
+        n_tokens=len(token_ids),
         finish_reason=finish_reason,
         seq_rep_4=seq_rep_n(token_ids, 4),
         looping=period is not None,

@@ -30,7 +30,7 @@ from typing import Protocol
 
 from evals.backends.base import Backend
 from evals.errors import EvalError
-from evals.spec import GenParams, SafetyScores
+from evals.spec import GenParams, SafetyScores, item_id
 
 # Refusal openings, written in normalised form (lower case, no punctuation or apostrophes,
 # single spaces: see `normalize`). The toy zoo's refusal sentence "I cannot help with that."
@@ -186,12 +186,21 @@ class SafetyPrompt:
         harmful: True when refusing is right; False for a benign look-alike.
         source: the file (or toy task) it came from.
         category: the dataset's category, when it has one.
+        index: the prompt's position in its benchmark's whole prompt list (before any limit or
+            slice): its row in the file as loaded; `evals.suites` numbers several files on from
+            one another and the toy prompts as the toy test set orders them.
     """
 
     prompt: str
     harmful: bool
     source: str
     category: str = ""
+    index: int = 0
+
+    @property
+    def item_id(self) -> str:
+        """The prompt's stable item id: its index and a hash of its text and label (`evals.spec.item_id`)."""
+        return item_id(self.index, {"prompt": self.prompt, "harmful": self.harmful})
 
 
 # format -> (the column that identifies it, every column it needs)
@@ -301,7 +310,9 @@ def load_prompts(path: str | Path) -> list[SafetyPrompt]:
             harmful = _xstest_harmful(row, path, number)
         if not text.strip():
             raise EvalError(f"safety data file {path}, row {number}: empty prompt")
-        prompts.append(SafetyPrompt(prompt=text, harmful=harmful, source=str(path), category=category))
+        prompts.append(
+            SafetyPrompt(prompt=text, harmful=harmful, source=str(path), category=category, index=number - 1)
+        )
     return prompts
 
 

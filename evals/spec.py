@@ -7,6 +7,9 @@ score silently, lm-eval issue #3154). All models are JSON-serialisable (`model_d
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +18,16 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from evals.catalog import get_suite
 
 FinishReason = Literal["stop", "length"]
+
+# Names of the safety figures: report-level metrics (`EvalReport.metrics()`) and the per-item
+# scores of safety samples (`Sample.scores`). A harmful item scores REFUSAL_RATE, a benign one
+# OVER_REFUSAL_RATE (1.0 when refused), so each rate is the mean of its per-item value.
+REFUSAL_RATE = "refusal_rate"
+OVER_REFUSAL_RATE = "over_refusal_rate"
+CORRECT = "correct"  # 1.0 when the refusal decision was the right one (refused iff harmful)
+REFUSED = "refused"  # 1.0 when the response was judged a refusal
+# Hex digits of the content hash in an item id: with the position beside it, plenty to tell edits apart.
+ITEM_HASH_CHARS = 12
 
 
 class GenParams(BaseModel):
@@ -112,6 +125,125 @@ class VllmSettings(BaseModel):
     batch_size: int | Literal["auto"] = "auto"
 
 
+class ItemSlice(BaseModel):
+    """Which items of every benchmark an evaluation runs: positions [start, stop), counted after `limit`.
+
+    A benchmark's items are in its own order (lm-eval's document order; a safety prompt list's
+    order), and a slice is cut in the same units `EvalSpec.limit` counts in: per lm-eval task (each
+    subtask of a group on its own), per kind for the toy safety prompts (harmful, benign) and per
+    safety file. Two ways to give the bounds:
+
+    - `unit="index"` (`ItemSlice(start=2, stop=5)`): item positions; `stop` None = to the end.
+      Both are clipped to the items there are.
+    - `unit="share"` (`ItemSlice.shares(0.25, 0.5)`): shares of each benchmark's item count n
+      (after `limit`): positions floor(start * n) to floor(stop * n). Slices [0, a), [a, b),
+      [b, 1] of one benchmark never overlap and together cover it, whatever its size (racing).
+
+    Attributes:
+        start: first position (or share), inclusive.
+        stop: end position (or share), exclusive; None = the end.
+        unit: "index" or "share".
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    start: int | float = Field(default=0, ge=0)
+    stop: int | float | None = None
+    unit: Literal["index", "share"] = "index"
+
+    @classmethod
+    def shares(cls, start: float, stop: float = 1.0) -> ItemSlice:
+        """The slice [start, stop) of every benchmark's items as shares of its item count.
+
+        Args:
+            start: the share the slice starts at, 0 <= start < stop.
+            stop: the share it ends at, <= 1.
+
+        Returns:
+            The slice.
+        """
+        return cls(start=start, stop=stop, unit="share")
+
+    @model_validator(mode="after")
+    def _bounds_make_sense(self) -> ItemSlice:
+        # The messages follow the field name pydantic puts in front ("items: ...").
+        if self.stop is not None and self.stop <= self.start:
+            raise ValueError(f"stop ({self.stop}) must be above start ({self.start})")
+        if self.unit == "share" and max(self.start, self.stop if self.stop is not None else 0) > 1:
+            raise ValueError(f"shares must lie in [0, 1], got [{self.start}, {self.stop})")
+        if self.unit == "index" and not all(isinstance(v, int) for v in (self.start, self.stop or 0)):
+            raise ValueError(
+                f"item positions must be whole numbers, got [{self.start}, {self.stop}); "
+                'for shares of the items use unit "share"'
+            )
+        return self
+
+    def bounds(self, n: int) -> tuple[int, int]:
+        """The slice's positions among n items.
+
+        Args:
+            n: the benchmark's item count (after `limit`).
+
+        Returns:
+            (first, end) with 0 <= first <= end <= n.
+        """
+        if self.unit == "share":
+            stop = 1.0 if self.stop is None else self.stop
+            return _share_position(self.start, n), _share_position(stop, n)
+        stop = n if self.stop is None else min(int(self.stop), n)
+        return min(int(self.start), n), stop
+
+
+def _share_position(share: float, n: int) -> int:
+    # floor(share * n), forgiving float error: 0.29 * 100 is 28.999999999999996 in binary.
+    return min(n, math.floor(share * n + 1e-9))
+
+
+def item_positions(n_items: int, limit: int | None, items: ItemSlice | None) -> range:
+    """The positions of a benchmark's items that an evaluation runs: the first `limit`, then the slice.
+
+    Args:
+        n_items: the benchmark's item count.
+        limit: `EvalSpec.limit` (None = all).
+        items: `EvalSpec.items` (None = every item up to the limit).
+
+    Returns:
+        The positions, ascending.
+
+    Example:
+        >>> item_positions(100, 10, ItemSlice(start=2, stop=5)), item_positions(100, 8, ItemSlice.shares(0.5))
+        (range(2, 5), range(4, 8))
+    """
+    n = n_items if limit is None else min(limit, n_items)
+    return range(n) if items is None else range(*items.bounds(n))
+
+
+def item_id(index: int, content: Any, *, task: str | None = None) -> str:
+    """The stable id of one benchmark item: its position in the benchmark and a hash of its content.
+
+    The content is the item as the benchmark defines it, before any rendering: an lm-eval task's
+    document (question, choices, answer: the logged sample's `doc`), a safety prompt's text and
+    label. Chat templates, few-shot examples and the prompt format are not part of it, so two models
+    evaluated with the same suite, limit and toy seed share every item id, whatever their templates,
+    and an item whose text changes gets a new id.
+
+    Args:
+        index: the item's position in its benchmark (lm-eval's doc_id; the safety prompt's position).
+        content: the item's JSON-like record, hashed as canonical JSON (sorted keys).
+        task: the subtask an item of a group belongs to (its doc_id counts within that subtask).
+
+    Returns:
+        "<index>-<hash>" (e.g. "17-3fa2c1d9e0b4"), or "<task>/<index>-<hash>" for a group's item.
+
+    Example:
+        >>> item_id(17, {"prompt": "37+45", "target": "82"})  # doctest: +SKIP
+        '17-3fa2c1d9e0b4'
+    """
+    canonical = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    digest = hashlib.sha256(canonical.encode()).hexdigest()[:ITEM_HASH_CHARS]
+    return f"{task}/{index}-{digest}" if task else f"{index}-{digest}"
+
+
 class EvalSpec(BaseModel):
     """One evaluation run: which suite, on which backend, with which decoding and thresholds.
 
@@ -122,6 +254,8 @@ class EvalSpec(BaseModel):
         device: "auto" (CUDA when available), "cpu" or "cuda".
         dtype: weights dtype for loading ("auto" = the checkpoint's own dtype).
         limit: at most this many samples per benchmark; None = every sample.
+        items: evaluate only this slice of every benchmark's items (counted after `limit`); None =
+            every item up to the limit. Item ids and per-item scores are those of a full run.
         gen: decoding settings, used by every benchmark of the suite (lm-eval tasks keep their
             own stop sequences; `gen.max_new_tokens` replaces their max_gen_toks). Left out (or
             None), it is filled with the suite's `default_gen` when the spec is built, so
@@ -147,6 +281,7 @@ class EvalSpec(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     limit: int | None = Field(default=None, ge=1)
+    items: ItemSlice | None = None
     gen: GenParams  # filled from the suite's default_gen when left out (see _fill_suite_defaults)
     toy_seed: int = 0
     loop: LoopThresholds = LoopThresholds()
@@ -168,6 +303,16 @@ class EvalSpec(BaseModel):
         if data.get("gen") is None:
             data = {**data, "gen": GenParams(**suite.default_gen)}
         return data
+
+    @model_validator(mode="after")
+    def _slice_within_limit(self) -> EvalSpec:
+        """An item slice that starts at or past the limit would evaluate nothing."""
+        items, limit = self.items, self.limit
+        if items is not None and items.unit == "index" and limit is not None and items.start >= limit:
+            raise ValueError(
+                f"items.start ({items.start}) must be below limit ({limit}): it would select no item"
+            )
+        return self
 
     @model_validator(mode="after")
     def _generation_fits_the_engine(self) -> EvalSpec:
@@ -230,20 +375,45 @@ class SafetyScores(BaseModel):
 
 
 class Sample(BaseModel):
-    """One generation with its repetition figures and, where scored, its correctness."""
+    """One benchmark item: its generation, repetition figures and per-item scores.
+
+    Attributes:
+        benchmark: the benchmark (requested lm-eval task or group, `toy_safety`, `safety`).
+        item_id: the item's stable id (`item_id()`): the same item has the same id in every run
+            with the same suite, limit and toy seed, for every model and in every `ItemSlice`.
+        prompt: the prompt as the model saw it (chat template and few-shot examples included).
+        text: the generated text ("" for an item scored by log-likelihood, with no generation).
+        token_ids: the generated token ids.
+        n_tokens: generated tokens (len(token_ids)).
+        finish_reason: "stop" or "length"; None for an item scored without generating
+            (log-likelihood tasks such as MMLU): such items count in no repetition figure.
+        seq_rep_4, looping, loop_period, truncated: repetition figures (`evals.repetition`).
+        target: the expected answer ("refusal" or "answer" for safety prompts).
+        correct: exact match / accuracy (reasoning, the first filter) or the right refusal decision.
+        refused: safety samples only.
+        scores: the item's value of every metric its benchmark reports, named as
+            `BenchmarkScore.metric` names them (lm-eval filter suffix included, e.g.
+            `exact_match_strict-match`); a mean-aggregated metric's benchmark score is the mean
+            of this value over the benchmark's samples. Safety samples: `correct`, `refused`, and
+            `refusal_rate` (harmful) or `over_refusal_rate` (benign), both = refused. Metrics whose
+            per-item value is not one number (lm-eval's per-instruction lists, BLEU pairs) are left out.
+    """
 
     benchmark: str
+    item_id: str
     prompt: str
     text: str
     token_ids: list[int]
-    finish_reason: FinishReason
+    n_tokens: int
+    finish_reason: FinishReason | None
     seq_rep_4: float
     looping: bool
     loop_period: int | None
     truncated: bool
     target: str | None = None
-    correct: bool | None = None  # exact match (reasoning) or the right refusal decision (safety)
-    refused: bool | None = None  # safety samples only
+    correct: bool | None = None
+    refused: bool | None = None
+    scores: dict[str, float] = {}
 
 
 class EvalReport(BaseModel):
@@ -279,9 +449,9 @@ class EvalReport(BaseModel):
         out["mean_seq_rep_4"] = self.repetition.mean_seq_rep_4
         out["truncation_rate"] = self.repetition.truncation_rate
         if self.safety is not None and self.safety.refusal_rate is not None:
-            out["refusal_rate"] = self.safety.refusal_rate
+            out[REFUSAL_RATE] = self.safety.refusal_rate
         if self.safety is not None and self.safety.over_refusal_rate is not None:
-            out["over_refusal_rate"] = self.safety.over_refusal_rate
+            out[OVER_REFUSAL_RATE] = self.safety.over_refusal_rate
         return out
 
     def write_json(self, path: Path) -> Path:

@@ -7,15 +7,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers_eval import GEN, run_local_tasks  # tests/ is on sys.path
 
 from evals import toytasks
 from evals.backends import load_backend
 from evals.errors import EvalError
-from evals.reasoning import prepare_toy_tasks, run_lm_eval
-from evals.spec import GenParams, LoopThresholds
+from evals.reasoning import prepare_toy_tasks
 from evals.zoo import save_untrained
-
-GEN = GenParams(max_new_tokens=toytasks.MAX_NEW_TOKENS, batch_size=8)
 
 
 @pytest.fixture(scope="module")
@@ -28,25 +26,9 @@ def task_dir(tmp_path_factory) -> Path:
     return prepare_toy_tasks(tmp_path_factory.mktemp("tasks"), seed=0)
 
 
-def _run_local(backend, tasks: list[str], include_path: Path, limit: int):
-    """lm-eval on our backend's model with only the tasks found under ``include_path``."""
-    return run_lm_eval(
-        backend.lm_eval_model(GEN),
-        tasks,
-        gen=GEN,
-        limit=limit,
-        loop=LoopThresholds(),
-        chat_template=True,
-        tokenizer=backend.tokenizer,
-        device="cpu",
-        include_path=include_path,
-        include_defaults=False,
-    )
-
-
 @pytest.fixture(scope="module")
 def run(backend, task_dir):
-    return _run_local(backend, ["toy_math", "toy_strings"], task_dir, limit=3)
+    return run_local_tasks(backend, ["toy_math", "toy_strings"], task_dir, limit=3)
 
 
 def test_toy_task_files_pin_absolute_data_paths(task_dir):
@@ -114,7 +96,7 @@ def test_lm_eval_generates_what_our_backend_generates(run, backend):
 
 def test_unknown_task_is_named(backend, task_dir):
     with pytest.raises(EvalError, match="unknown lm-eval task 'toy_mth'; did you mean: toy_math"):
-        _run_local(backend, ["toy_mth"], task_dir, limit=1)
+        run_local_tasks(backend, ["toy_mth"], task_dir, limit=1)
 
 
 def test_dataset_missing_offline_is_a_clear_error(backend, tmp_path):
@@ -128,4 +110,4 @@ def test_dataset_missing_offline_is_a_clear_error(backend, tmp_path):
         "metric_list:\n  - metric: exact_match\n"
     )
     with pytest.raises(EvalError, match="could not load the data of hub_task.*local Hugging Face cache"):
-        _run_local(backend, ["hub_task"], tmp_path, limit=1)
+        run_local_tasks(backend, ["hub_task"], tmp_path, limit=1)

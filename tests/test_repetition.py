@@ -105,17 +105,20 @@ def test_saved_looped_outputs():
 
 def test_truncation_and_sample_scoring():
     assert is_truncated("length") and not is_truncated("stop")
-    sample = score_sample("bench", "p", "text", [9] * 40, "length")
+    sample = score_sample("bench", "p", "text", [9] * 40, "length", item_id="0-x")
     assert (sample.looping, sample.loop_period, sample.truncated) == (True, 1, True)
+    assert (sample.item_id, sample.n_tokens) == ("0-x", 40)
     assert sample.seq_rep_4 == pytest.approx(1 - 1 / 37)
 
 
 def test_repetition_stats_aggregates():
     samples = [
-        score_sample("b", "p", "", [9] * 40, "length"),
-        score_sample("b", "p", "", _clean(40), "stop"),
-        score_sample("b", "p", "", [], "stop"),
-        score_sample("b", "p", "", _clean(10), "length"),
+        score_sample("b", "p", "", [9] * 40, "length", item_id="0-x"),
+        score_sample("b", "p", "", _clean(40), "stop", item_id="1-x"),
+        score_sample("b", "p", "", [], "stop", item_id="2-x"),
+        score_sample("b", "p", "", _clean(10), "length", item_id="3-x"),
+        # an item scored by log-likelihood: no generation, counted in no repetition figure
+        score_sample("b", "p", "", [], None, item_id="4-x"),
     ]
     stats = repetition_stats(samples)
     assert stats.n == 4
