@@ -19,6 +19,11 @@ from evals.catalog import get_suite
 
 FinishReason = Literal["stop", "length"]
 
+# The one home of the generation metrics' names, as MLflow, DuckDB (generation_stats columns) and the
+# gate know them. Benchmark scores are named `<benchmark>.<metric>` beside them.
+REPETITION_RATE = "repetition_rate"  # share of looping generations
+MEAN_SEQ_REP_4 = "mean_seq_rep_4"
+TRUNCATION_RATE = "truncation_rate"
 # Names of the safety figures: report-level metrics (`EvalReport.metrics()`) and the per-item
 # scores of safety samples (`Sample.scores`). A harmful item scores REFUSAL_RATE, a benign one
 # OVER_REFUSAL_RATE (1.0 when refused), so each rate is the mean of its per-item value.
@@ -28,6 +33,7 @@ CORRECT = "correct"  # 1.0 when the refusal decision was the right one (refused 
 REFUSED = "refused"  # 1.0 when the response was judged a refusal
 # Hex digits of the content hash in an item id: with the position beside it, plenty to tell edits apart.
 ITEM_HASH_CHARS = 12
+GENERATION_METRICS = (REPETITION_RATE, MEAN_SEQ_REP_4, TRUNCATION_RATE, REFUSAL_RATE, OVER_REFUSAL_RATE)
 
 
 class GenParams(BaseModel):
@@ -445,9 +451,9 @@ class EvalReport(BaseModel):
             name -> value, the names MLflow, DuckDB and the gate use.
         """
         out = {f"{s.benchmark}.{s.metric}": s.value for s in self.benchmarks}
-        out["repetition_rate"] = self.repetition.repetition_rate
-        out["mean_seq_rep_4"] = self.repetition.mean_seq_rep_4
-        out["truncation_rate"] = self.repetition.truncation_rate
+        out[REPETITION_RATE] = self.repetition.repetition_rate
+        out[MEAN_SEQ_REP_4] = self.repetition.mean_seq_rep_4
+        out[TRUNCATION_RATE] = self.repetition.truncation_rate
         if self.safety is not None and self.safety.refusal_rate is not None:
             out[REFUSAL_RATE] = self.safety.refusal_rate
         if self.safety is not None and self.safety.over_refusal_rate is not None:

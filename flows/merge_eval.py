@@ -78,11 +78,12 @@ class CandidatePlan:
 
 @dataclass(frozen=True)
 class ParentPlan:
-    """One parent model to evaluate: its role, record and evaluation cache key."""
+    """One parent model to evaluate: its role, record, content identity and evaluation cache key."""
 
     role: str
     record: results_db.ModelRecord
     eval_key: str
+    identity: str  # what its evaluations' cache keys hash: the source fingerprint
 
     @property
     def label(self) -> str:
@@ -99,6 +100,7 @@ class ModelResult:
     failure: StepFailed | None = None
     mlflow_run_id: str | None = None
     cached: dict[str, bool] = field(default_factory=dict)
+    stopped: list[str] | None = None  # racing: why it was stopped early ("stopped at 25%: ...")
 
     @property
     def failed(self) -> bool:
@@ -191,7 +193,8 @@ def plan_parents(ctx: RunContext) -> list[ParentPlan]:
             sources=[source],
             path=source.path,
         )
-        plans.append(ParentPlan(role, record, steps.eval_key(source.fingerprint, ctx.config.eval)))
+        key = steps.eval_key(source.fingerprint, ctx.config.eval)
+        plans.append(ParentPlan(role, record, key, source.fingerprint))
     return plans
 
 
@@ -232,6 +235,13 @@ def evaluate_parents(ctx: RunContext) -> list[ModelResult]:
     Raises:
         NightFailed: a parent could not be evaluated (nothing can be gated without it).
     """
+    if ctx.config.eval.racing is not None:  # in the candidates' stages: identical conditions per item
+        plans = plan_parents(ctx)
+        entries = [Staged(ModelResult(p.record), p.record.path, p.identity, p.label) for p in plans]
+        for plan, entry in zip(plans, evaluate_in_stages(ctx, entries, judged=False), strict=True):
+            if entry.result.failed:
+                raise parent_failed(plan, entry.result.failure)
+        return [entry.result for entry in entries]
     jobs: list[tuple[ParentPlan, PrefectFuture, bool]] = []
     for plan in plan_parents(ctx):
         if len(jobs) >= ctx.config.concurrency:  # at most `concurrency` evaluations in flight
@@ -310,7 +320,10 @@ def run_candidates_here(ctx: RunContext, plans: list[CandidatePlan]) -> list[Mod
     """Merge one candidate at a time; evaluate finished merges concurrently (``concurrency``).
 
     A candidate whose merge or evaluation fails comes back with its failure; the others go on.
+    With ``eval.racing``, every merge comes first, then the stages (`evaluate_in_stages`).
     """
+    if ctx.config.eval.racing is not None:
+        return _race(ctx, plans)
     running: list[tuple[CandidatePlan, dict, dict[str, bool], PrefectFuture]] = []
     done: list[ModelResult] = []
     for plan in plans:
@@ -326,6 +339,92 @@ def run_candidates_here(ctx: RunContext, plans: list[CandidatePlan]) -> list[Mod
     done.extend(_collect(job) for job in running)
     order = {plan.id: i for i, plan in enumerate(plans)}
     return sorted(done, key=lambda result: order[result.record.id])
+
+
+def _race(ctx: RunContext, plans: list[CandidatePlan]) -> list[ModelResult]:
+    """Merge every candidate, then evaluate them stage by stage, stopping the hopeless ones."""
+    entries = []
+    for plan in plans:
+        state, merge_cached, _ = merge(ctx, plan)
+        merged, failure = outcome(state, "merge", plan.label)
+        result = ModelResult(plan.record, merge_report=merged.report if merged else None, failure=failure,
+                             cached={"merge": merge_cached})
+        entries.append(Staged(result, str(plan.out), plan.id, plan.label))
+    return [entry.result for entry in evaluate_in_stages(ctx, entries, judged=True)]
+
+
+@dataclass
+class Staged:
+    """A model being evaluated in stages: its result so far, where it is, what its keys hash."""
+
+    result: ModelResult
+    path: str
+    identity: str
+    label: str
+    reports: list[EvalReport] = field(default_factory=list)
+
+
+def stage_specs(ctx: RunContext) -> list[tuple[float, Any]]:
+    """(share reached, eval spec) of each racing stage."""
+    from evals.stages import stage_slices
+
+    spec = ctx.config.eval.spec()
+    stages = ctx.config.eval.racing.stages
+    return [(share, spec.model_copy(update={"items": items}))
+            for share, items in zip(stages, stage_slices(stages), strict=True)]
+
+
+def evaluate_in_stages(ctx: RunContext, entries: list[Staged], *, judged: bool) -> list[Staged]:
+    """Evaluate models stage by stage (``concurrency`` at once, each stage cached by its own key).
+
+    After every stage but the last, each candidate (``judged``) is stored with its results so far and
+    judged on them; one the gate already proves fails (an interval wholly on the failing side of
+    a rule) is stopped there, its reasons prefixed with ``stopped at <share>``.
+
+    Returns:
+        ``entries``, their results filled in (the stages' reports combined) or failed or stopped.
+    """
+    from evals.stages import combine_reports
+
+    stages = stage_specs(ctx)
+    settings = ctx.step_settings("evaluate")
+    task = steps.bind(steps.evaluate_model, ctx.storage)
+    for number, (share, spec) in enumerate(stages, start=1):
+        active = [e for e in entries if not e.result.failed and e.result.stopped is None]
+        futures: list[tuple[Staged, PrefectFuture, bool]] = []
+        for entry in active:
+            if len(futures) >= ctx.config.concurrency:
+                futures[-ctx.config.concurrency][1].wait()
+            key = steps.eval_key(entry.identity, spec)
+            cached = steps.is_cached(ctx.storage, key)
+            futures.append((entry, task.submit(entry.path, spec, entry.label, key, settings,
+                                               entry.result.record.id), cached))
+        for entry, future, cached in futures:
+            report, failure = outcome(future, "evaluate", f"{entry.label} (stage {number})")
+            entry.result.cached["eval"] = entry.result.cached.get("eval", True) and cached
+            if failure is not None:
+                entry.result.failure = failure
+                continue
+            entry.reports.append(report)
+            entry.result.report = combine_reports(entry.reports)
+        if judged and number < len(stages):
+            _stop_hopeless(ctx, [e for e, _, _ in futures if not e.result.failed], share)
+    return entries
+
+
+def _stop_hopeless(ctx: RunContext, entries: list[Staged], share: float) -> None:
+    """Store each candidate's results so far and stop those the gate already proves fail."""
+    config = ctx.config
+    parents = {plan.record.id: plan.label for plan in plan_parents(ctx)}
+    for entry in entries:
+        result = entry.result
+        steps.store_results(ctx.db_path, config.name, result.record.label, result.record, result.report,
+                            result.merge_report, str(ctx.flow_run_id))
+        hopeless = steps.hopeless(ctx.db_path, config.name, result.record.id, parents, config.gate)
+        if hopeless:
+            result.stopped = [f"stopped at {share:.0%}: {reason}" for reason in hopeless]
+            get_run_logger().info("racing: %s stopped at %.0f%% (%s)", entry.label, 100 * share,
+                                  "; ".join(hopeless))
 
 
 def _collect(job: tuple[CandidatePlan, dict, dict[str, bool], PrefectFuture]) -> ModelResult:
@@ -380,15 +479,16 @@ def decide(ctx: RunContext, results: list[ModelResult]) -> list[GateDecision]:
     config = ctx.config
     logger = get_run_logger()
     by_id = {result.record.id: result for result in results}
-    judged = [result.record.id for result in results if not result.failed]
+    judged = [result.record.id for result in results if not result.failed and result.stopped is None]
     parents = {plan.record.id: plan.label for plan in plan_parents(ctx)}
     verdicts = steps.gate(ctx.db_path, config.name, judged, parents, config.gate) if judged else []
-    failed = [
-        GateDecision(candidate_id=r.record.id, decision="rejected", reasons=[f"failed: {r.failure}"])
+    settled = [  # failed, or stopped early by racing: rejected without a final gate
+        GateDecision(candidate_id=r.record.id, decision="rejected",
+                     reasons=[f"failed: {r.failure}"] if r.failed else r.stopped)
         for r in results
-        if r.failed
+        if r.failed or r.stopped is not None
     ]
-    decisions = sorted([*verdicts, *failed], key=lambda d: list(by_id).index(d.candidate_id))
+    decisions = sorted([*verdicts, *settled], key=lambda d: list(by_id).index(d.candidate_id))
     promoted = next((d for d in decisions if d.decision == "promoted"), None)
     champion_path = None
     if promoted is not None:

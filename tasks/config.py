@@ -109,19 +109,41 @@ class MergeSettings(EngineSettings):
         return self.model_dump(exclude={"timeout_s"})
 
 
+class RacingSettings(BaseModel):
+    """``eval.racing``: evaluate every model in stages of its items and stop early the candidates the
+    stages so far already prove fail the gate.
+
+    Attributes:
+        stages: increasing shares of every benchmark's items, ending at 1.0. Stage k evaluates the
+            items between share k-1 and share k, so no item is generated twice.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    stages: list[float] = Field(default=[0.25, 0.5, 1.0], min_length=1)
+
+    @field_validator("stages")
+    @classmethod
+    def _increasing_to_one(cls, stages: list[float]) -> list[float]:
+        if any(not 0 < share <= 1 for share in stages) or stages != sorted(set(stages)) or stages[-1] != 1:
+            raise ValueError(f"must be increasing shares in (0, 1] ending at 1.0, got {stages}")
+        return stages
+
+
 class EvalSettings(EvalSpec):
     """The ``eval:`` section: an ``evals.spec.EvalSpec`` plus how the pipeline runs it.
 
     Attributes:
         timeout_s: an evaluation still running after this many seconds is killed and its model
             recorded ``failed`` (default 12 h: the paper suite on a 32B model with vLLM takes hours).
+        racing: evaluate in stages and stop hopeless candidates early (None: every item at once).
     """
 
     timeout_s: float = Field(12 * 3600, gt=0)
+    racing: RacingSettings | None = None
 
     def spec(self) -> EvalSpec:
         """The evaluation itself (what the cache key hashes): everything but the pipeline settings."""
-        return EvalSpec.model_validate(self.model_dump(exclude={"timeout_s"}))
+        return EvalSpec.model_validate(self.model_dump(exclude={"timeout_s", "racing"}))
 
 
 class ExecutionSettings(BaseModel):
@@ -213,6 +235,15 @@ class PipelineConfig(BaseModel):
     notify: NotifySettings = NotifySettings()
     keep_candidates: bool = False
     concurrency: int = Field(2, ge=1, description="local mode: candidate evaluations run at once")
+
+    @model_validator(mode="after")
+    def _racing_runs_here(self) -> PipelineConfig:
+        if self.eval.racing is not None and self.execution.mode == "pool":
+            raise ValueError("eval.racing: racing runs in execution.mode 'local' only (a pool run evaluates "
+                             "every item of its candidate)")
+        if self.eval.racing is not None and self.eval.items is not None:
+            raise ValueError("eval.racing: racing chooses the items of each stage; leave eval.items unset")
+        return self
 
     @model_validator(mode="after")
     def _validate_candidates(self) -> PipelineConfig:

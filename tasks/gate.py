@@ -240,7 +240,7 @@ WHERE s.config_name = $config AND list_contains($models, s.model_id) AND list_co
 GENERATIONS_QUERY = """
 -- one row per generation (item) of the compared models: did it loop, was it refused
 SELECT model_id, benchmark, item_id, bool_or(looping), bool_or(refused), bool_or(harmful)
-FROM samples WHERE config_name = $config AND list_contains($models, model_id)
+FROM samples WHERE config_name = $config AND list_contains($models, model_id) AND looping IS NOT NULL
 GROUP BY model_id, benchmark, item_id
 """
 

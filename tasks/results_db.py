@@ -105,9 +105,9 @@ CREATE TABLE IF NOT EXISTS samples (  -- one row per model x benchmark x metric 
     metric VARCHAR NOT NULL,           -- as in scores.metric ('exact_match', 'refused', ...)
     item_id VARCHAR NOT NULL,          -- '<index in the benchmark>-<hash of its prompt>': equal across models
     score DOUBLE NOT NULL,             -- the item's value of the metric (0/1 for exact match)
-    looping BOOLEAN NOT NULL,          -- the generation's repetition figures (same for every metric)
-    seq_rep_4 DOUBLE NOT NULL,
-    truncated BOOLEAN NOT NULL,
+    looping BOOLEAN,                   -- the generation's repetition figures (same for every metric;
+    seq_rep_4 DOUBLE,                  --   NULL for an item scored without generating: multiple choice)
+    truncated BOOLEAN,
     refused BOOLEAN,                   -- safety items: the judge's verdict
     harmful BOOLEAN,                   -- safety items: a harmful prompt (else a benign look-alike)
     n_tokens INTEGER NOT NULL,
@@ -238,9 +238,9 @@ class SampleRow(BaseModel):
     metric: str
     item_id: str
     score: float
-    looping: bool
-    seq_rep_4: float
-    truncated: bool
+    looping: bool | None
+    seq_rep_4: float | None
+    truncated: bool | None
     refused: bool | None = None
     harmful: bool | None = None
     n_tokens: int
@@ -370,11 +370,14 @@ def samples_from_report(report: Any) -> list[SampleRow]:
     """
     rows = []
     for sample in report.samples:
+        generated = sample.finish_reason is not None  # multiple-choice items generate nothing
         harmful = None if sample.refused is None else sample.target == "refusal"
         for metric, value in sample.scores.items():
             rows.append(SampleRow(
                 benchmark=sample.benchmark, metric=metric, item_id=sample.item_id, score=value,
-                looping=sample.looping, seq_rep_4=sample.seq_rep_4, truncated=sample.truncated,
+                looping=sample.looping if generated else None,
+                seq_rep_4=sample.seq_rep_4 if generated else None,
+                truncated=sample.truncated if generated else None,
                 refused=sample.refused, harmful=harmful, n_tokens=sample.n_tokens,
             ))
     return rows

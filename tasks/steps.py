@@ -540,14 +540,36 @@ def gate(
     Returns:
         One decision per candidate; at most one is ``promoted``.
     """
+    verdicts = {cid: judge(Path(db_path), config_name, _models(db_path, config_name, cid, parents), policy)
+                for cid in candidate_ids}
+    return pick_winner(verdicts)
+
+
+@task(
+    name="race-check",
+    task_run_name="race-check-{candidate_id}",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_unless_bad_input,
+)
+def hopeless(
+    db_path: str, config_name: str, candidate_id: str, parents: dict[str, str], policy: GatePolicy
+) -> list[str]:
+    """Racing: the gate's checks on the items evaluated so far; the failures no more items can fix.
+
+    Returns:
+        The reasons the candidate is already proven to fail (empty: let it go on).
+    """
+    models = _models(db_path, config_name, candidate_id, parents)
+    return judge(Path(db_path), config_name, models, policy, final=False).hopeless
+
+
+def _models(db_path: str, config_name: str, candidate_id: str, parents: dict[str, str]) -> Models:
+    """The candidate, its parents and the current champion, as the gate compares them."""
     current = results_db.champion(Path(db_path), config_name)
     champion_id = current["candidate_id"] if current else None
     label = results_db.label_of(Path(db_path), config_name, champion_id) if champion_id else None
-    verdicts = {
-        cid: judge(Path(db_path), config_name, Models(cid, parents, champion_id, label), policy)
-        for cid in candidate_ids
-    }
-    return pick_winner(verdicts)
+    return Models(candidate_id, parents, champion_id, label)
 
 
 @task(

@@ -279,3 +279,22 @@ def test_evaluate_refuses_an_lm_eval_tag(backend, task_dir, tmp_path):
     (tmp_path / "_toy_template.yaml").write_text((task_dir / "_toy_template.yaml").read_text())
     with pytest.raises(EvalError, match="'toy_tag' is a tag, not a task or group; name its tasks: toy_"):
         run_local_tasks(backend, ["toy_tag"], tmp_path, limit=1)
+
+
+def test_stage_reports_combine_into_the_full_run_s_report(toy_runs):
+    from evals.stages import combine_reports, stage_slices
+
+    full, head, tail = toy_runs
+    combined = combine_reports([head, tail])
+    key = lambda s: (s.benchmark, s.item_id)  # noqa: E731
+    assert sorted(combined.samples, key=key) == sorted(full.samples, key=key)
+    assert [(b.benchmark, b.metric, b.n) for b in combined.benchmarks] == [
+        (b.benchmark, b.metric, b.n) for b in full.benchmarks
+    ]
+    for ours, theirs in zip(combined.benchmarks, full.benchmarks, strict=True):  # lm-eval's own aggregates
+        assert ours.value == pytest.approx(theirs.value) and ours.stderr == pytest.approx(theirs.stderr)
+    assert combined.repetition == full.repetition and combined.safety == full.safety
+    assert combined.spec.items is None
+    assert [(s.start, s.stop, s.unit) for s in stage_slices([0.25, 0.5, 1.0])] == [
+        (0.0, 0.25, "share"), (0.25, 0.5, "share"), (0.5, 1.0, "share")
+    ]
