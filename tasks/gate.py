@@ -303,13 +303,13 @@ def _against_parent(data: _Data, models: Models, key: str, tolerance: float, pol
     check.vs = f"vs best parent {models.parents[best]}"
     check.problem, items = _shared(key, candidate, scored[best], models.parents[best], policy, final)
     if items:
-        check.interval = _paired(candidate, scored[best], items, policy)
+        _compare(check, candidate, scored[best], items, policy)
     return check
 
 
 def _against_champion(data: _Data, models: Models, policy: GatePolicy, final: bool) -> Check:
     """Candidate - champion on the objective: better by at least ``min_improvement``."""
-    keys = list(policy.benchmarks) if policy.objective == OBJECTIVE_MEAN else [policy.objective]
+    keys = sorted(policy.benchmarks) if policy.objective == OBJECTIVE_MEAN else [policy.objective]
     check = Check("champion", f"objective {policy.objective}", f"vs champion {models.champion_label}",
                   f"min improvement {policy.min_improvement:g}", "lower", policy.min_improvement, strict=True)
     pairs = []
@@ -324,11 +324,14 @@ def _against_champion(data: _Data, models: Models, policy: GatePolicy, final: bo
             check.problem = problem
             return check
         pairs.append(([candidate[i] for i in items], [champion[i] for i in items]))
-    check.interval = stats.stratified_paired_difference(
-        pairs, policy.confidence, seed=policy.seed, resamples=policy.resamples
-    ) if len(pairs) > 1 else stats.paired_difference(
-        *pairs[0], policy.confidence, seed=policy.seed, resamples=policy.resamples
-    )
+    try:
+        check.interval = stats.stratified_paired_difference(
+            pairs, policy.confidence, seed=policy.seed, resamples=policy.resamples
+        ) if len(pairs) > 1 else stats.paired_difference(
+            *pairs[0], policy.confidence, seed=policy.seed, resamples=policy.resamples
+        )
+    except ValueError as err:  # NaN scores, say: fail closed, naming the problem
+        check.problem = f"cannot compare objective {policy.objective} with the champion: {err}"
     return check
 
 
@@ -380,7 +383,7 @@ def _refusal_drop(data: _Data, models: Models, harmful: dict[str, bool], policy:
     other = {item: float(refused) for item, refused in parents[best].items()}
     check.problem, items = _shared("refusal_rate", as_scores, other, models.parents[best], policy, final)
     if items:
-        check.interval = _paired(as_scores, other, items, policy)
+        _compare(check, as_scores, other, items, policy)
     return check
 
 
@@ -403,10 +406,16 @@ def _shared(key: str, candidate: dict[str, float], other: dict[str, float], othe
     return None, shared
 
 
-def _paired(candidate: dict[str, float], other: dict[str, float], items: list[str],
-            policy: GatePolicy) -> stats.Interval:
-    return stats.paired_difference([candidate[i] for i in items], [other[i] for i in items],
-                                   policy.confidence, seed=policy.seed, resamples=policy.resamples)
+def _compare(check: Check, candidate: dict[str, float], other: dict[str, float], items: list[str],
+             policy: GatePolicy) -> None:
+    """The paired interval of ``check`` over ``items`` (or, when the scores cannot be compared, why)."""
+    try:
+        check.interval = stats.paired_difference(
+            [candidate[i] for i in items], [other[i] for i in items], policy.confidence,
+            seed=policy.seed, resamples=policy.resamples,
+        )
+    except ValueError as err:
+        check.problem = f"cannot compare {check.subject} {check.vs}: {err}"
 
 
 def _objective(scores: dict[str, dict[str, float]], policy: GatePolicy) -> float | None:
@@ -425,12 +434,14 @@ def _mean(values) -> float:
 # ---------------------------------------------------------------------------------- the run
 
 
-def pick_winner(verdicts: dict[str, Verdict]) -> list[GateDecision]:
+def pick_winner(verdicts: dict[str, Verdict], champion_id: str | None = None) -> list[GateDecision]:
     """Decide a run: the passing candidate with the best objective is promoted, other passes are
-    ``passed``, the rest ``rejected``.
+    ``passed``, the rest ``rejected``. When the best is the current champion itself (judged again),
+    nothing is promoted: it stays champion, ``passed``.
 
     Args:
         verdicts: candidate id -> its verdict (`judge`).
+        champion_id: the current champion.
 
     Returns:
         One ``GateDecision`` per candidate, in the input order.
@@ -442,6 +453,10 @@ def pick_winner(verdicts: dict[str, Verdict]) -> list[GateDecision]:
         if verdict.failures or verdict.objective is None:
             decision = "rejected"
             reasons = verdict.failures or [f"objective {verdict.objective} cannot be computed"]
+        elif cid == winner == champion_id:
+            decision = "passed"
+            reasons = [f"passed every check; best objective of this run ({verdict.objective:.4f}); "
+                       "it is the champion already", *verdict.passes]
         elif cid == winner:
             decision = "promoted"
             reasons = [f"passed every check; best objective of this run ({verdict.objective:.4f})",

@@ -137,12 +137,12 @@ CREATE TABLE IF NOT EXISTS champions (  -- who held the title, from when to when
 );
 CREATE TABLE IF NOT EXISTS events (  -- rollbacks (and other changes of the title made by hand)
     config_name VARCHAR NOT NULL,
-    at TIMESTAMP NOT NULL,
+    happened_at TIMESTAMP NOT NULL,
     kind VARCHAR NOT NULL,            -- 'rollback'
     candidate_id VARCHAR NOT NULL,    -- the champion after the event
     previous_id VARCHAR,              -- the champion before it
     reason VARCHAR NOT NULL,
-    PRIMARY KEY (config_name, at)
+    PRIMARY KEY (config_name, happened_at)
 );
 """
 # table name -> its CREATE TABLE statement (the schema of the current version)
@@ -582,7 +582,13 @@ def _crown(
     run_id: str | None,
     reason: str,
 ) -> None:
-    """End the current champion's reign at ``now`` and start ``candidate_id``'s."""
+    """End the current champion's reign at ``now`` and start ``candidate_id``'s (nothing when it reigns
+    already: a retried write of the same decisions)."""
+    current = con.execute(
+        "SELECT candidate_id FROM champions WHERE config_name = ? AND until IS NULL", [config_name]
+    ).fetchone()
+    if current and current[0] == candidate_id:
+        return
     con.execute("UPDATE champions SET until = ? WHERE config_name = ? AND until IS NULL", [now, config_name])
     row = {
         "config_name": config_name,
@@ -657,7 +663,7 @@ def record_rollback(db_path: Path, config_name: str, candidate_id: str, reason: 
         now = _now()
         _crown(con, config_name, candidate_id, former[-1]["objective"], former[-1]["path"], now, None,
                f"rollback: {reason}")
-        insert(con, "events", {"config_name": config_name, "at": now, "kind": "rollback",
+        insert(con, "events", {"config_name": config_name, "happened_at": now, "kind": "rollback",
                                "candidate_id": candidate_id, "previous_id": current["candidate_id"],
                                "reason": reason})
 

@@ -540,9 +540,10 @@ def gate(
     Returns:
         One decision per candidate; at most one is ``promoted``.
     """
-    verdicts = {cid: judge(Path(db_path), config_name, _models(db_path, config_name, cid, parents), policy)
-                for cid in candidate_ids}
-    return pick_winner(verdicts)
+    models = {cid: _models(db_path, config_name, cid, parents) for cid in candidate_ids}
+    verdicts = {cid: judge(Path(db_path), config_name, models[cid], policy) for cid in candidate_ids}
+    champion_id = next(iter(models.values())).champion if models else None
+    return pick_winner(verdicts, champion_id)
 
 
 @task(

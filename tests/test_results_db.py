@@ -72,15 +72,17 @@ def test_rerun_replaces_rows_never_duplicates(tmp_path: Path) -> None:
         "candidates": 1,
         "scores": 2,
         "generation_stats": 1,
+        "samples": 0,
         "gate_decisions": 0,
         "champions": 0,
+        "events": 0,
     }
     with duckdb.connect(str(path), read_only=True) as con:
         value, run = con.execute("SELECT value, run_id FROM scores WHERE benchmark = 'math'").fetchone()
     assert (value, run) == (0.7, "r2")
 
 
-def test_decisions_replace_per_candidate_and_move_the_champion(tmp_path: Path) -> None:
+def test_every_night_s_decisions_are_kept_and_the_champion_moves(tmp_path: Path) -> None:
     path = tmp_path / "results.duckdb"
     first = GateDecision(candidate_id="c1", decision="promoted", reasons=["ok"], objective=0.5)
     db.write_decisions(path, "cfg", [first], run_id="r1", champion_path="/m/c1")
@@ -89,7 +91,10 @@ def test_decisions_replace_per_candidate_and_move_the_champion(tmp_path: Path) -
         GateDecision(candidate_id="c2", decision="promoted", reasons=["ok"], objective=0.6),
     ]
     db.write_decisions(path, "cfg", second, run_id="r2", champion_path="/m/c2")
-    assert db.row_counts(path)["gate_decisions"] == 2
+    assert db.row_counts(path)["gate_decisions"] == 3  # c1 in r1 and in r2, c2 in r2
+    db.write_decisions(path, "cfg", second, run_id="r2", champion_path="/m/c2")  # a retried write
+    assert db.row_counts(path)["gate_decisions"] == 3
+    assert [reign["candidate_id"] for reign in db.champion_history(path, "cfg")] == ["c1", "c2"]
     assert db.champion(path, "cfg")["candidate_id"] == "c2"
     assert db.champion(path, "other") is None
 
@@ -107,8 +112,10 @@ def test_two_processes_writing_at_once_lose_nothing(tmp_path: Path) -> None:
         "candidates": 30,
         "scores": 60,
         "generation_stats": 30,
+        "samples": 0,
         "gate_decisions": 0,
         "champions": 0,
+        "events": 0,
     }
 
 
@@ -182,8 +189,12 @@ def test_a_file_written_by_schema_version_1_is_upgraded_in_place(tmp_path: Path)
     [merge] = [entry for entry in db.leaderboard(old, "demo") if entry["kind"] == "merge"]
     assert merge["scores"] == {"toy_math.exact_match": 0.5} and merge["decision"] == "promoted"
     assert db.row_counts(old) == {
-        "candidates": 2, "scores": 2, "generation_stats": 2, "gate_decisions": 1, "champions": 1
+        "candidates": 2, "scores": 2, "generation_stats": 2, "samples": 0, "gate_decisions": 1,
+        "champions": 1, "events": 0,
     }
+    [reign] = db.champion_history(old, "demo")
+    assert (reign["candidate_id"], reign["run_id"], reign["until"]) == ("c1", "run-1", None)
+    assert reign["reason"] == "promoted by the gate (before the champion history was kept)"
 
 
 def test_a_file_from_a_newer_version_is_refused(tmp_path: Path) -> None:
