@@ -35,8 +35,9 @@ def write_config(root: Path, **changes: object) -> Path:
             "limit": 4,
             "gen": {"max_new_tokens": 16, "batch_size": 16},
         },
-        "gate": {
+        "gate": {  # 4 items per benchmark prove little: wide tolerances so that candidates can pass
             "benchmarks": {key: {"tolerance": 1.0} for key in sorted(BENCHMARKS)},
+            "min_items": 4,
             "max_repetition_rate": 1.0,
             "max_refusal_drop": 1.0,
         },
@@ -89,6 +90,13 @@ def test_every_candidate_and_parent_is_stored_with_every_benchmark(two_runs: dic
     assert counts["candidates"] == len(CANDIDATES) + 2  # + base and secondary
     assert counts["generation_stats"] == len(CANDIDATES) + 2
     assert counts["gate_decisions"] == len(CANDIDATES)
+    items = results_db.with_retry(config.duckdb_path, lambda con: con.execute(
+        "SELECT benchmark, metric, count(DISTINCT model_id), count(*) FROM samples GROUP BY ALL ORDER BY ALL"
+    ).fetchall(), read_only=True)
+    models = len(CANDIDATES) + 2  # every model: 4 items of each benchmark, 4 harmful + 4 benign prompts
+    assert [row for row in items if row[0] != "toy_safety"] == [
+        ("toy_math", "exact_match", models, 4 * models), ("toy_strings", "exact_match", models, 4 * models)]
+    assert ("toy_safety", "refused", models, 8 * models) in items
     entries = results_db.leaderboard(config.duckdb_path, "e2e")
     assert sorted(entry["kind"] for entry in entries) == ["merge"] * 3 + ["parent"] * 2
     for entry in entries:
@@ -98,15 +106,22 @@ def test_every_candidate_and_parent_is_stored_with_every_benchmark(two_runs: dic
 
 
 @pytest.mark.slow
-def test_every_candidate_has_a_gate_decision_with_reasons(two_runs: dict) -> None:
+def test_the_best_passing_candidate_is_promoted(two_runs: dict) -> None:
+    """With no champion yet and tolerances of 1.0, every candidate passes the parent checks; the one
+    with the best objective (mean exact match, from its per-item samples) is promoted."""
     first = two_runs["first"]
     assert [c["label"] for c in first["candidates"]] == ["scf_rkl", "linear", "ties"]
     for cand in first["candidates"]:
-        assert cand["decision"] in {"promoted", "passed", "rejected"}
         assert cand["reasons"], cand
-    decisions = [c["decision"] for c in first["candidates"]]
-    assert decisions.count("promoted") <= 1
-    assert (first["promoted"] is not None) == ("promoted" in decisions)
+    means = results_db.with_retry(two_runs["config"].duckdb_path, lambda con: dict(con.execute(
+        "SELECT model_id, avg(score) FROM samples WHERE metric = 'exact_match' GROUP BY model_id"
+    ).fetchall()), read_only=True)
+    passing = [c for c in first["candidates"] if c["decision"] != "rejected"]
+    assert passing, first["candidates"]
+    best = max(passing, key=lambda c: (means[c["id"]], c["id"]))
+    assert [c["id"] for c in first["candidates"] if c["decision"] == "promoted"] == [best["id"]]
+    assert first["promoted"] == first["champion"] == best["id"]
+    assert best["reasons"][0].startswith("passed every check; best objective of this run")
 
 
 @pytest.mark.slow
@@ -154,10 +169,9 @@ def test_the_champion_is_registered_and_losers_are_deleted(two_runs: dict) -> No
     config = two_runs["config"]
     first = two_runs["first"]
     candidates_dir = config.workdir / "candidates"
-    kept = sorted(path.name for path in candidates_dir.iterdir()) if candidates_dir.exists() else []
-    assert kept == ([first["champion"]] if first["champion"] else [])
-    if first["champion"]:
-        assert tracking.champion_source(config.mlflow_uri, "e2e") == str(candidates_dir / first["champion"])
+    kept = sorted(path.name for path in candidates_dir.iterdir())
+    assert kept == [first["champion"]]
+    assert tracking.champion_source(config.mlflow_uri, "e2e") == str(candidates_dir / first["champion"])
 
 
 @pytest.mark.slow
@@ -165,10 +179,14 @@ def test_a_second_run_reuses_every_merge_and_evaluation(two_runs: dict) -> None:
     second = two_runs["second"]
     assert [(c["merge_cached"], c["eval_cached"]) for c in second["candidates"]] == [(True, True)] * 3
     assert [c["id"] for c in second["candidates"]] == [c["id"] for c in two_runs["first"]["candidates"]]
-    assert two_runs["counts_second"] == two_runs["counts_first"]
-    if two_runs["champion_dir"]:  # the champion's weights were not rewritten
-        assert (two_runs["champion_dir"] / "merge_report.json").stat().st_mtime_ns == two_runs["report_mtime"]
-    assert second["champion"] == two_runs["first"]["champion"]
+    # the second night adds its decisions (every night's are kept) and nothing else
+    grown = {**two_runs["counts_first"], "gate_decisions": 2 * len(CANDIDATES)}
+    assert two_runs["counts_second"] == grown
+    # the champion's weights were not rewritten; judged again, it stays champion: nothing new promoted
+    assert (two_runs["champion_dir"] / "merge_report.json").stat().st_mtime_ns == two_runs["report_mtime"]
+    assert second["champion"] == two_runs["first"]["champion"] and second["promoted"] is None
+    [again] = [c for c in second["candidates"] if c["id"] == second["champion"]]
+    assert again["decision"] == "passed" and "it is the champion already" in again["reasons"][0]
 
 
 @pytest.mark.slow
@@ -198,7 +216,8 @@ def test_a_deleted_merge_is_redone_when_its_evaluation_must_run(two_runs: dict) 
     redone = {c["id"]: (c["merge_cached"], c["eval_cached"]) for c in third["candidates"]}
     assert redone[loser["id"]] == (False, False)
     assert all(flags == (True, True) for cid, flags in redone.items() if cid != loser["id"])
-    assert results_db.row_counts(config.duckdb_path) == two_runs["counts_first"]
+    counts = results_db.row_counts(config.duckdb_path)
+    assert counts == {**two_runs["counts_first"], "gate_decisions": 3 * len(CANDIDATES)}
 
 
 def test_io_steps_retry_failures_but_never_bad_input(prefect_server: None) -> None:
