@@ -10,9 +10,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from tasks import results_db, tracking
-from tasks.config import load_config
-from tasks.errors import PipelineError
+# The tasks layer (Prefect, MLflow, DuckDB) is imported inside the handlers, so that `scf --help`
+# and the other subcommands do not pay for it.
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -62,6 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _nightly(args: argparse.Namespace) -> int:
     from flows.nightly import nightly
+    from tasks.config import load_config
 
     load_config(args.config)  # fail fast on a bad config, before Prefect starts
     summary = nightly(
@@ -73,6 +73,7 @@ def _nightly(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from flows.merge_eval import merge_and_evaluate
+    from tasks.config import load_config
 
     load_config(args.config)
     summary = merge_and_evaluate(
@@ -83,6 +84,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _results(args: argparse.Namespace) -> int:
+    from tasks import results_db
+    from tasks.config import load_config
+    from tasks.errors import PipelineError
+
     if args.config is None and args.db is None:
         raise PipelineError("scf results needs --config (a pipeline YAML) or --db (a results.duckdb file)")
     if args.config is not None:
@@ -107,6 +112,8 @@ def leaderboard_text(db_path: Path, config_name: str, run_id: str | None = None)
     Returns:
         The text to print.
     """
+    from tasks import results_db
+
     entries = results_db.leaderboard(db_path, config_name, run_id)
     champion = results_db.champion(db_path, config_name)
     table = results_db.format_leaderboard(entries, champion["candidate_id"] if champion else None)
@@ -125,6 +132,8 @@ def report(summary: dict[str, Any], config_path: Path) -> str:
     Returns:
         The text to print.
     """
+    from tasks import tracking
+
     lines = [leaderboard_text(Path(summary["duckdb"]), summary["config"], summary["flow_run_id"])]
     labels = {c["id"]: c["label"] for c in summary["candidates"]}
     if summary["promoted"]:

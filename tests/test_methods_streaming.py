@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import scf.methods.task_arithmetic as task_arithmetic_module
+import scf.methods.base as methods_base
 from scf.errors import ScfError
 from scf.methods.base import TensorInputs, Workspace
 from scf.methods.registry import METHODS, validate_params
@@ -29,7 +29,7 @@ TASK_VECTOR_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "s
 @pytest.fixture
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> int:
     """Stream in 1000-element chunks: every test tensor spans several, the last one partial."""
-    monkeypatch.setattr(task_arithmetic_module, "CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(methods_base, "CHUNK_ELEMENTS", 1000)
     return 1000
 
 
@@ -155,7 +155,7 @@ def test_chunk_size_does_not_change_any_bit(monkeypatch: pytest.MonkeyPatch) -> 
         params = {"select_topk": 0.5} if name == "sce" else {"density": 0.5}
         outputs = []
         for chunk in (1 << 22, 100, 33, 1):
-            monkeypatch.setattr(task_arithmetic_module, "CHUNK_ELEMENTS", chunk)
+            monkeypatch.setattr(methods_base, "CHUNK_ELEMENTS", chunk)
             outputs.append(call(name, reference, models, **params))
         for output in outputs[1:]:
             assert_bitwise_equal(output, outputs[0])
@@ -276,7 +276,7 @@ MEMORY_PROBE = """
 import json, sys
 from pathlib import Path
 import torch
-import scf.methods.task_arithmetic as ta
+import scf.methods.base as ta
 from scf.methods.base import TensorInputs, Workspace
 from scf.methods.registry import METHODS, validate_params
 
