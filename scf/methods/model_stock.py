@@ -8,9 +8,10 @@ denominator is below 1e-6 in magnitude there is no finite ratio and the referenc
 (``t = 0``). One ratio per tensor, or with ``filter_wise`` one per row (each vector along the last
 dimension; a tensor of rank 1 is one row).
 
-Streaming: per tensor, the pairwise dot products and norms are summed in float64 in one pass
-(mergekit reduces them in float32 over the whole tensor) and rounded to float32, then the result
-is computed chunk by chunk with mergekit's float32 operations. Per row, a block of rows at a time
+Streaming: per tensor, the norms and the pairwise dot products (of the float32 products, as mergekit
+forms them) are summed in float64 in one pass (mergekit reduces them in float32 over the whole
+tensor) and rounded to float32, then the result is computed chunk by chunk with mergekit's float32
+operations. Per row, a block of rows at a time
 goes through mergekit's own float32 operations, so that output is bit-identical to mergekit's.
 """
 
@@ -50,14 +51,18 @@ def model_stock(inputs: TensorInputs, params: ModelStockParams) -> torch.Tensor:
 def _per_tensor(stream: Stream, reference: torch.Tensor) -> None:
     """One ratio for the whole tensor: float64 statistics of the task vectors, then the values."""
     n_models = len(stream.models)
-    gram = torch.zeros(n_models, n_models, dtype=torch.float64, device=stream.device)  # d_i . d_j
+    squares = torch.zeros(n_models, dtype=torch.float64, device=stream.device)
+    dots = torch.zeros(n_models, n_models, dtype=torch.float64, device=stream.device)
     (reference_buffer,) = stream.chunk_buffers("model_stock.reference", 1)
     for chunk, _, values in stream.chunks():
         reference_chunk = reference_buffer[: chunk.stop - chunk.start].copy_(reference[chunk])
-        offsets = torch.stack([v - reference_chunk for v in values]).double()
-        gram += offsets @ offsets.T
-    norms = gram.diagonal().sqrt().to(torch.float32)
-    dots = gram.to(torch.float32)
+        offsets = [v.sub_(reference_chunk) for v in values]
+        for i in range(n_models):
+            squares[i] += offsets[i].double().square().sum()
+            for j in range(i + 1, n_models):  # the products rounded to float32, as mergekit's are
+                dots[i, j] += (offsets[i] * offsets[j]).double().sum()
+    norms = squares.sqrt().to(torch.float32)
+    dots = dots.to(torch.float32)
     cosines = []
     for i in range(n_models):
         for j in range(i + 1, n_models):

@@ -221,18 +221,19 @@ def multislerp(inputs: TensorInputs, params: MultislerpParams) -> torch.Tensor:
             mean += u * w
         return mean
 
-    # Pass 2: |mean| and each u_i . mean (float64), for the normalized mean and the tangent dots.
+    # Pass 2: |mean|. Pass 3: each u_i . (mean / |mean|), the float32 products summed in float64.
     mean_square = torch.zeros((), dtype=torch.float64, device=device)
-    unit_dots = torch.zeros(len(stream.models), dtype=torch.float64, device=device)
     for _, _, values in stream.chunks():
-        mean = unit_and_mean(values)
-        mean_square += mean.double().square().sum()
-        for i, u in enumerate(values):
-            unit_dots[i] += (u * mean).double().sum()
+        mean_square += unit_and_mean(values).double().square().sum()
     mean_norm = mean_square.sqrt().to(torch.float32)
     if mean_norm < eps:
         return _multislerp_fallback(inputs, stream, weight_list)
-    dots = (unit_dots / mean_norm.double()).to(torch.float32)
+    unit_dots = torch.zeros(len(stream.models), dtype=torch.float64, device=device)
+    for _, _, values in stream.chunks():
+        mean = unit_and_mean(values).div_(mean_norm)
+        for i, u in enumerate(values):
+            unit_dots[i] += (u * mean).double().sum()
+    dots = unit_dots.to(torch.float32)
 
     def tangent_sum(values: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         mean = unit_and_mean(values).div_(mean_norm)
@@ -241,7 +242,7 @@ def multislerp(inputs: TensorInputs, params: MultislerpParams) -> torch.Tensor:
             tangent += (u - dots[i] * mean) * w
         return mean, tangent
 
-    # Pass 3: |g| of the weighted tangent sum.
+    # Pass 4: |g| of the weighted tangent sum.
     tangent_square = torch.zeros((), dtype=torch.float64, device=device)
     for _, _, values in stream.chunks():
         tangent_square += tangent_sum(values)[1].double().square().sum()
@@ -250,7 +251,7 @@ def multislerp(inputs: TensorInputs, params: MultislerpParams) -> torch.Tensor:
     average_norm = torch.zeros((), dtype=torch.float32, device=device)
     for norm, w in zip(norms, weight_list, strict=True):
         average_norm += norm * w
-    # Pass 4: the result.
+    # Pass 5: the result.
     for chunk, reference_chunk, values in stream.chunks():
         mean, tangent = tangent_sum(values)
         merged = (mean * cos_norm + tangent * sin_ratio) * average_norm
