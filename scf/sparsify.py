@@ -19,6 +19,7 @@ from scf.errors import ScfError
 from scf.quantile import order_statistics
 
 _COUNT_CHUNK = 1 << 22  # elements per step when counting (bounds the bool temporary)
+_RANK_BLOCK = 1 << 18  # elements of whole rows ranked at once by DELLA (its int64 sort indices: 2 MB)
 
 
 @dataclass(frozen=True)
@@ -228,7 +229,7 @@ def della_keep_mask(
     n_rows, length, trailing = rows.shape
     keep = torch.empty(rows.shape, dtype=torch.bool, device=rows.device)
     positions = torch.arange(length, device=rows.device).view(1, length, 1)
-    step = max(1, _COUNT_CHUNK // max(1, length * trailing))
+    step = max(1, _RANK_BLOCK // max(1, length * trailing))
     for start in range(0, n_rows, step):
         block = rows[start : start + step]
         order = torch.argsort(block, dim=1, stable=True)
