@@ -47,9 +47,11 @@ INDEX_NAME = "model.safetensors.index.json"
 RESULT_PREFIX = "RESULT "  # children print their result as the last stdout line: RESULT {json}
 MERGEKIT_RUNNER = Path(__file__).with_name("_mergekit_runner.py")
 DEFAULT_MERGEKIT_VENV = Path("/tmp/scf-bench-mergekit-venv")
+MERGEKIT_VERSION = "0.1.5"  # the version our methods are compared with
 
 # Parameters every method runs with, the same on our side and mergekit's, so outputs are
 # comparable. Names are mergekit's (and ours). Methods not listed run with their defaults.
+# A list gives one value per model, [base, secondary].
 BENCH_PARAMS: dict[str, dict] = {
     "linear": {"weight": 0.5},
     "task_arithmetic": {"weight": 0.5},
@@ -57,6 +59,15 @@ BENCH_PARAMS: dict[str, dict] = {
     "dare_linear": {"weight": 0.5, "density": 0.5},
     "dare_ties": {"weight": 0.5, "density": 0.5},
     "sce": {"select_topk": 0.5},
+    "slerp": {"t": 0.3},
+    "nuslerp": {"weight": [0.4, 0.6]},
+    "multislerp": {"weight": [0.4, 0.6]},
+    "nearswap": {"t": 0.0005},
+    "model_stock": {},
+    "breadcrumbs": {"weight": 0.5, "density": 0.5, "gamma": 0.01},
+    "breadcrumbs_ties": {"weight": 0.5, "density": 0.5, "gamma": 0.01},
+    "della": {"weight": 0.5, "density": 0.5, "epsilon": 0.15},
+    "della_linear": {"weight": 0.5, "density": 0.5, "epsilon": 0.15},
 }
 
 # Our method -> mergekit's method computing the same thing (scf_kl is the exact version of
@@ -67,8 +78,14 @@ MERGEKIT_EQUIVALENT = {
     "ties": "ties",
     "sce": "sce",
     "scf_kl": "arcee_fusion",
+    **{name: name for name in ("slerp", "nuslerp", "multislerp", "nearswap", "model_stock", "breadcrumbs",
+                                "breadcrumbs_ties", "della", "della_linear")},
 }
 APPROXIMATE_IN_MERGEKIT = {"arcee_fusion"}
+# mergekit's base_model for each method, by our role: our base (mergekit computes "from the base
+# towards the other model"), our reference (task vectors; optional for nuslerp and multislerp, given
+# here), or none (linear).
+MERGEKIT_BASE_MODEL = {"arcee_fusion": "base", "slerp": "base", "nearswap": "base", "linear": None}
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,10 +445,11 @@ def run_our_merge(
     """
     from scf.methods.registry import get_method
 
+    takes_reference = get_method(method).needs_reference or get_method(method).optional_reference
     spec = {
         "base": str(family.base),
         "secondary": [str(family.secondary)],
-        "reference": str(family.reference) if get_method(method).needs_reference else None,
+        "reference": str(family.reference) if takes_reference else None,
         "method": method,
         "params": params,
         "device": device,
@@ -532,13 +550,15 @@ def ensure_mergekit_venv(venv: Path) -> Path:
         MergekitUnavailable: a step failed; the message carries the command and pip's last lines.
     """
     python = venv / "bin" / "python"
-    if python.exists() and _succeeds([str(python), "-c", "import mergekit.merge"]):
+    check = ("import mergekit.merge, importlib.metadata as m; "
+             f"assert m.version('mergekit') == '{MERGEKIT_VERSION}'")
+    if python.exists() and _succeeds([str(python), "-c", check]):
         return python
     torch_pin = "torch==" + torch.__version__.split("+")[0]
     steps = [
         [sys.executable, "-m", "venv", str(venv)],
         [str(python), "-m", "pip", "install", "--quiet", torch_pin],
-        [str(python), "-m", "pip", "install", "--quiet", "mergekit"],
+        [str(python), "-m", "pip", "install", "--quiet", f"mergekit=={MERGEKIT_VERSION}"],
     ]
     for step in steps:
         print("mergekit setup: " + " ".join(step), file=sys.stderr)
@@ -557,44 +577,61 @@ def mergekit_config(method: str, family: SyntheticFamily, params: dict, per_mode
     """The mergekit YAML config (as a dict) computing our ``method`` on ``family``.
 
     mergekit computes in float32 (``dtype``) and writes bf16 (``out_dtype``), as our engine does.
-    Task-vector methods take ``reference`` as mergekit's ``base_model``; both our base and our
-    secondary are its ``models``. Linear averages base and secondary; arcee_fusion takes our base
-    as its ``base_model``.
+    Both our base and our secondary are its ``models``, in that order; its ``base_model`` is our
+    base, our reference or nothing (``MERGEKIT_BASE_MODEL``; by default the reference, as for every
+    task-vector method).
 
     Args:
         method: mergekit's method name.
         family: the synthetic inputs.
-        params: the benchmark's parameters for the method.
+        params: the benchmark's parameters for the method (a list: one value per model).
         per_model: names in ``params`` that mergekit takes per model.
 
     Returns:
         The config dict (write it as YAML or JSON; JSON is valid YAML).
     """
-    model_params = {k: v for k, v in params.items() if k in per_model}
+    models = []
+    for index, path in enumerate((family.base, family.secondary)):
+        model_params = {key: value[index] if isinstance(value, list) else value
+                        for key, value in params.items() if key in per_model}
+        models.append({"model": str(path), "parameters": model_params})
     global_params = {k: v for k, v in params.items() if k not in per_model}
-    models = [
-        {"model": str(family.base), "parameters": model_params},
-        {"model": str(family.secondary), "parameters": model_params},
-    ]
     config: dict = {"merge_method": method, "models": models, "dtype": "float32", "out_dtype": "bfloat16"}
-    if method == "arcee_fusion":
-        config["base_model"] = str(family.base)
-    elif method != "linear":
-        config["base_model"] = str(family.reference)
+    role = MERGEKIT_BASE_MODEL.get(method, "reference")
+    if role is not None:
+        config["base_model"] = str(getattr(family, role))
     if global_params:
         config["parameters"] = global_params
     return config
 
 
-def run_mergekit(python: Path, config: dict, out: Path, *, device: str, shard_bytes: int) -> RunResult:
-    """Run mergekit once in a fresh process of its venv (see ``_mergekit_runner.py``) and time it."""
+def run_mergekit(
+    python: Path, config: dict, out: Path, *, device: str, shard_bytes: int, align_seeds: Path | None = None
+) -> RunResult:
+    """Run mergekit once in a fresh process of its venv (see ``_mergekit_runner.py``) and time it.
+
+    ``align_seeds`` (a JSON map tensor name -> our per-tensor seed) runs mergekit aligned with us
+    where its order is unspecified or its arithmetic differs: stable sorts, float64 reductions, and
+    its global RNG seeded per tensor as our generators are (see the runner's ``--align``).
+    """
     shutil.rmtree(out, ignore_errors=True)
     config_path = out.with_suffix(".yml")
     config_path.write_text(json.dumps(config, indent=2))
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     command = [str(python), str(MERGEKIT_RUNNER), str(config_path), str(out)]
     command += ["--device", "cuda" if cuda else "cpu", "--shard-params", str(shard_bytes // 2)]
+    if align_seeds is not None:
+        command += ["--align", str(align_seeds)]
     return _run_child(command)
+
+
+def write_seed_map(family: SyntheticFamily, path: Path, seed: int = 0) -> Path:
+    """Our per-tensor seeds (``scf.merge.tensor_seed``) for every tensor of the family, as JSON."""
+    from scf.merge import tensor_seed
+
+    names = _Checkpoint(family.base).weight_map
+    path.write_text(json.dumps({name: tensor_seed(seed, name) for name in names}))
+    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -749,9 +786,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             row.mergekit_method = MERGEKIT_EQUIVALENT[method]
             mk_out = workdir / "out" / f"mergekit-{row.mergekit_method}"
             config = mergekit_config(row.mergekit_method, family, params, spec.per_model_params)
-            row.mergekit = run_mergekit(
-                mergekit_python, config, mk_out, device=args.device, shard_bytes=shard_bytes
-            )
+            seeds = write_seed_map(family, workdir / "out" / "seeds.json") if args.mergekit_align else None
+            row.mergekit = run_mergekit(mergekit_python, config, mk_out, device=args.device,
+                                        shard_bytes=shard_bytes, align_seeds=seeds)
             if row.ours.error is None and row.mergekit.error is None:
                 selective = row.mergekit_method in APPROXIMATE_IN_MERGEKIT
                 row.comparison = compare_outputs(out, mk_out, family if selective else None)
@@ -766,6 +803,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     floors[3].append(io_floor(inputs3, workdir / "out" / "floor", shard_bytes))
     results = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "mergekit_aligned": bool(args.mergekit_align),
         "date": f"{started:%Y-%m-%d, %H:%M}-{dt.datetime.now(dt.UTC):%H:%M} UTC",
         "machine": _machine_line(),
         "load_average": {"before": load_before, "after": os.getloadavg()},
@@ -919,6 +957,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights")
     parser.add_argument("--mergekit", action="store_true", help="also run mergekit and compare")
     parser.add_argument("--mergekit-venv", default=str(DEFAULT_MERGEKIT_VENV), help="mergekit's virtualenv")
+    parser.add_argument("--mergekit-align", action="store_true",
+                        help="run mergekit aligned with us (stable sorts, float64 reductions, its RNG seeded "
+                             "per tensor as ours): what differs then is a real difference")
     parser.add_argument("--keep-outputs", action="store_true", help="keep merged outputs in the workdir")
     parser.add_argument("--json", default="", help="also write the measurements to this JSON file")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one merge in a fresh process

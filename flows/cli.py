@@ -2,6 +2,10 @@
 
 Living in flows/ (the top of the dependency graph) lets it reach every layer without
 scf/ or evals/ importing each other or the orchestration stack.
+
+Start-up stays fast: the modules imported here only define the subcommands' arguments; each
+handler imports what it runs (torch for `scf merge`, Prefect, MLflow and DuckDB for the pipeline
+commands) when it is called. `benchmarks/cli_startup.py` measures it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,10 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+
+# Exit status when the reader of our output goes away (`scf methods | head`): 128 + SIGPIPE, what
+# a command killed by SIGPIPE reports, so `set -o pipefail` scripts can tell it from success.
+EXIT_BROKEN_PIPE = 141
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,17 +47,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     from scf.errors import ScfError
     from tasks.errors import PipelineError
 
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         _exit_with_parent()
         faults.inject(args.command)
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
+        return code
     except (ScfError, EvalError, PipelineError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush does not fail a second time."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _exit_with_parent() -> None:

@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tasks import results_db, tracking
-from tasks.config import load_config
-from tasks.errors import NightFailed, PipelineError
+from tasks.errors import NightFailed, PipelineError  # light: no Prefect, MLflow or DuckDB
+
+# The rest of the tasks layer (Prefect, MLflow, DuckDB) is imported inside the handlers, so that
+# `scf --help` and the other subcommands do not pay for it.
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -89,6 +90,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _nightly(args: argparse.Namespace) -> int:
     from flows.nightly import nightly
+    from tasks.config import load_config
 
     config = load_config(args.config)  # fail fast on a bad config, before Prefect starts
     return _run_flow(
@@ -105,6 +107,7 @@ def _nightly(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from flows.merge_eval import merge_and_evaluate
+    from tasks.config import load_config
 
     config = load_config(args.config)
     return _run_flow(
@@ -131,6 +134,9 @@ def _run_flow(config, config_path: Path, run) -> int:
 
 
 def _results(args: argparse.Namespace) -> int:
+    from tasks import results_db
+    from tasks.config import load_config
+
     if args.config is None and args.db is None:
         raise PipelineError("scf results needs --config (a pipeline YAML) or --db (a results.duckdb file)")
     if args.config is not None:
@@ -146,6 +152,8 @@ def _results(args: argparse.Namespace) -> int:
 
 def history_text(db_path: Path, config_name: str) -> str:
     """One line per night of a config: date, run, candidates, what was promoted, the champion after."""
+    from tasks import results_db
+
     nights = results_db.nights(db_path, config_name)
     lines = [f"History: {config_name} ({len(nights)} nights)"]
     for night in nights:
@@ -158,6 +166,8 @@ def history_text(db_path: Path, config_name: str) -> str:
 
 
 def _champion(args: argparse.Namespace) -> int:
+    from tasks.config import load_config
+
     config = load_config(args.config)
     print(champion_text(config.duckdb_path, config.name))
     return 0
@@ -165,6 +175,8 @@ def _champion(args: argparse.Namespace) -> int:
 
 def champion_text(db_path: Path, config_name: str) -> str:
     """The current champion with its evidence: since when, which run, why, its scores."""
+    from tasks import results_db
+
     current = results_db.champion(db_path, config_name)
     if current is None:
         return f"{config_name}: no champion yet"
@@ -184,6 +196,9 @@ def champion_text(db_path: Path, config_name: str) -> str:
 
 
 def _rollback(args: argparse.Namespace) -> int:
+    from tasks import results_db, tracking
+    from tasks.config import load_config
+
     config = load_config(args.config)
     reigns = results_db.champion_history(config.duckdb_path, config.name)
     current = reigns[-1] if reigns and reigns[-1]["until"] is None else None
@@ -231,6 +246,8 @@ def leaderboard_text(db_path: Path, config_name: str, run_id: str | None = None)
     Returns:
         The text to print.
     """
+    from tasks import results_db
+
     entries = results_db.leaderboard(db_path, config_name, run_id)
     champion = results_db.champion(db_path, config_name)
     table = results_db.format_leaderboard(entries, champion["candidate_id"] if champion else None)
@@ -249,6 +266,8 @@ def report(summary: dict[str, Any], config_path: Path) -> str:
     Returns:
         The text to print.
     """
+    from tasks import tracking
+
     lines = [leaderboard_text(Path(summary["duckdb"]), summary["config"], summary["flow_run_id"])]
     labels = {c["id"]: c["label"] for c in summary["candidates"]}
     if summary["promoted"]:

@@ -116,7 +116,7 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def run_methods(args: argparse.Namespace) -> int:
-    """Handler of ``scf methods``: list every method with its parameters."""
+    """Handler of ``scf methods``: list every method with its parameters (no torch needed)."""
     from scf.methods.registry import METHODS
 
     described = [describe_method(spec) for spec in METHODS.values()]
@@ -124,29 +124,50 @@ def run_methods(args: argparse.Namespace) -> int:
         print(json.dumps(described, indent=2))
         return 0
     for method in described:
-        needs = " (needs --reference)" if method["needs_reference"] else ""
-        sys.stdout.write(f"{method['name']}{needs}\n  {method['summary']}\n  {method['reference_url']}\n")
+        sys.stdout.write(f"{method['name']} ({method['inputs']})\n  {method['summary']}\n"
+                         f"  {method['reference_url']}\n")
         for param in method["params"]:
-            per_model = " (per model)" if param["per_model"] else ""
+            value = "required" if param["required"] else f"= {param['default']!r}"
             bounds = f" {param['bounds']}" if param["bounds"] else ""
-            line = f"{param['name']} = {param['default']!r}{bounds}{per_model}: {param['help']}"
-            sys.stdout.write(f"    {line}\n")
+            per_model = " (per model)" if param["per_model"] else ""
+            sys.stdout.write(f"    {param['name']} {value}{bounds}{per_model}: {param['help']}\n")
         sys.stdout.write("\n")
     return 0
 
 
 def describe_method(spec: Any) -> dict[str, Any]:
-    """A method's registry entry as plain data: name, summary, URL and each parameter's default and bounds."""
+    """A method's registry entry as plain data: name, inputs, summary, URL and each parameter.
+
+    Parameters are listed under the key configs use (``lambda``, not the Python name ``lambda_``),
+    with their default (None when required), bounds, whether they are per model, and their help.
+    """
     params = []
     for name, field in spec.params.model_fields.items():
         bounds = [f"{symbol} {getattr(m, attr)}" for m in field.metadata
                   for attr, symbol in _BOUND_SYMBOLS.items() if hasattr(m, attr)]
+        required = field.is_required()
         params.append({
-            "name": name,
-            "default": field.get_default(call_default_factory=True),
+            "name": field.alias or name,
+            "default": None if required else field.get_default(call_default_factory=True),
+            "required": required,
             "bounds": ", ".join(bounds),
             "per_model": name in spec.per_model_params,
             "help": field.description or "",
         })
-    return {"name": spec.name, "summary": spec.summary, "needs_reference": spec.needs_reference,
+    return {"name": spec.name, "summary": spec.summary, "inputs": _inputs_line(spec),
+            "needs_reference": spec.needs_reference, "optional_reference": spec.optional_reference,
             "reference_url": spec.reference_url, "params": params}
+
+
+def _inputs_line(spec: Any) -> str:
+    """What a method merges, e.g. ``base + 1 secondary`` or ``base + secondaries, needs --reference``."""
+    fewest, most = spec.secondaries
+    if most == fewest:
+        models = f"base + {fewest} secondar{'y' if fewest == 1 else 'ies'}"
+    else:
+        models = "base + secondaries"
+    if spec.needs_reference:
+        return f"{models}, needs --reference"
+    if spec.optional_reference:
+        return f"{models}, optional --reference"
+    return models

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -72,16 +73,77 @@ def test_set_values_are_yaml() -> None:
 def test_methods_lists_every_method_with_params() -> None:
     code, out, _ = run_scf(["methods"])
     assert code == 0
+    blocks = {block.split(" (", 1)[0]: block for block in out.strip().split("\n\n")}
+    assert set(blocks) == set(METHODS)
     for name, spec in METHODS.items():
-        assert f"\n{name}" in f"\n{out}" and spec.reference_url in out
-        for param in spec.params.model_fields:
-            assert f"    {param} = " in out
+        assert spec.reference_url in blocks[name]
+        for key, field in spec.params.model_fields.items():
+            shown = field.alias or key  # the key configs write
+            line = next(line for line in blocks[name].splitlines() if line.startswith(f"    {shown} "))
+            assert line.split(": ", 1)[1] == field.description  # every parameter has its help
+    assert "lambda_" not in out and "    lambda = 1.0: scale of the merged task vector" in blocks["ties"]
+    assert "    t required: interpolation factor" in blocks["slerp"]  # slerp's t has no default
+    assert blocks["slerp"].startswith("slerp (base + 1 secondary)\n")
+    assert blocks["ties"].startswith("ties (base + secondaries, needs --reference)\n")
     code, out, _ = run_scf(["methods", "--json"])
     listed = {m["name"]: m for m in json.loads(out)}
     assert set(listed) == set(METHODS)
     linear = {p["name"]: p for p in listed["linear"]["params"]}
     assert linear["weight"]["default"] == 1.0 and linear["weight"]["per_model"] is True
-    assert linear["normalize"]["default"] is True
+    assert linear["normalize"]["default"] is True and linear["normalize"]["required"] is False
+    ties = {p["name"]: p for p in listed["ties"]["params"]}
+    assert "lambda" in ties and "lambda_" not in ties
+    assert listed["slerp"]["params"] == [{
+        "name": "t", "default": None, "required": True, "bounds": "", "per_model": False,
+        "help": METHODS["slerp"].params.model_fields["t"].description}]
+
+
+def test_methods_into_a_closed_pipe_exits_quietly() -> None:
+    # `scf methods | head -1`: the reader is gone before we finish writing. A pipe whose read end
+    # is already closed makes that deterministic: no traceback, the status of a SIGPIPE'd command.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, "-m", "flows.cli", "methods"], stdout=write_end,
+                                stderr=subprocess.PIPE, text=True, cwd=REPO)
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr) == (141, "")
+
+
+HEAVY = ("prefect", "mlflow", "duckdb", "torch")
+IMPORTS_PROBE = """
+import json, sys
+from flows.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+print(json.dumps(sorted(m for m in {heavy!r} if m in sys.modules)), file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize(("argv", "allowed"), [
+    (["--help"], set()), (["methods"], set()), (["merge", "--help"], set()), (["nightly", "--help"], set()),
+])
+def test_the_cli_imports_only_what_the_subcommand_runs(argv: list[str], allowed: set[str]) -> None:
+    # `scf --help` and `scf methods` import neither torch nor the orchestration stack; `scf merge`
+    # would import torch in its handler, but never Prefect, MLflow or DuckDB (checked below).
+    probe = IMPORTS_PROBE.format(heavy=HEAVY)
+    result = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, cwd=REPO)
+    imported = set(json.loads(result.stderr.strip().splitlines()[-1]))
+    assert imported <= allowed, f"scf {' '.join(argv)} imported {sorted(imported)}"
+
+
+def test_a_merge_imports_torch_but_not_the_orchestration_stack(pair: tuple[Path, Path],
+                                                               tmp_path: Path) -> None:
+    base, sec = pair
+    argv = ["merge", "--base", str(base), "--secondary", str(sec), "--method", "linear", "--quiet",
+            "--out", str(tmp_path / "out")]
+    probe = IMPORTS_PROBE.format(heavy=HEAVY)
+    result = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, cwd=REPO)
+    assert (tmp_path / "out" / "merge_report.json").exists(), result.stderr
+    assert json.loads(result.stderr.strip().splitlines()[-1]) == ["torch"]
 
 
 @pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("evals.cli", "flows.pipeline_cli")),

@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 from helpers_ckpt import finetune, llama_config, llama_state, make_pair, save_checkpoint
+from helpers_methods import n_secondaries, runnable_params, takes_reference
 from safetensors import safe_open
 
 from scf import diagnostics as diag
@@ -106,15 +107,16 @@ def test_output_loads_with_transformers(pair: tuple[Path, list[Path]], tmp_path:
 def test_every_method_matches_its_function(method: str, pair: tuple[Path, list[Path]], reference: Path,
                                            tmp_path: Path) -> None:
     base, secs = pair
-    needs_ref = get_method(method).needs_reference
-    spec = MergeSpec(base=str(base), secondary=[str(s) for s in secs], method=method, seed=3,
-                     reference=str(reference) if needs_ref else None)
+    secondaries = secs[: n_secondaries(method, len(secs))]
+    spec = MergeSpec(base=str(base), secondary=[str(s) for s in secondaries], method=method, seed=3,
+                     reference=str(reference) if takes_reference(method) else None,
+                     params=runnable_params(method))
     report = merge(spec, tmp_path / "out", progress=False)
     merged = load_output(tmp_path / "out")
     for name in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.norm.weight"):
         assert torch.equal(merged[name], expected_output(spec, name)), name
     shares = report["totals"]["fraction_from"]
-    assert set(shares) == {"base", "secondary_0", "secondary_1", "neither"}
+    assert set(shares) == {"base", "neither"} | {f"secondary_{i}" for i in range(len(secondaries))}
     assert sum(shares.values()) == pytest.approx(1.0)
     if method.startswith("scf_"):  # discrete composition: every value is one parent's
         assert shares["neither"] == 0.0 and 0.0 < shares["secondary_0"] < 0.5

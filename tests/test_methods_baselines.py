@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers_methods import runnable_params
 
 from scf.errors import ScfError
 from scf.methods.base import TensorInputs
@@ -147,6 +148,110 @@ def test_dare_needs_a_generator() -> None:
         run("dare_ties", base, [secondary], reference, seed=None, density=0.5)
 
 
+# --- breadcrumbs ------------------------------------------------------------------------------
+
+TV10 = torch.tensor([0.125, -5.0, 0.375, 2.0, -0.25, 1.0, 0.0625, 4.0, -3.0, 0.5])
+REF10 = torch.tensor([0.5, -1.0, 0.25, 2.0, -0.5, 1.0, 0.0, 4.0, -2.0, 0.75])  # REF10 + TV10 - REF10 == TV10
+
+
+def test_breadcrumbs_cuts_the_outliers_and_the_smallest() -> None:
+    # 10 entries, density 0.5 keeps 5, gamma 0.2 cuts the 2 largest: ascending |tv|
+    # .0625 .125 .25 .375 .5 1 2 3 4 5 -> ranks [10 - 5 - 2, 10 - 2) = [3, 8): .375 .5 1 2 3
+    out = run("breadcrumbs", REF10 + TV10, [REF10.clone()], REF10, density=0.5, gamma=0.2)
+    expected = torch.tensor([0.0, 0.0, 0.375, 2.0, 0.0, 1.0, 0.0, 0.0, -3.0, 0.5])
+    assert torch.equal(out, REF10 + expected)  # the secondary's task vector is zero; weights 1, summed
+
+
+def test_breadcrumbs_shrinks_the_outlier_cut_to_keep_the_density() -> None:
+    # density 0.9 keeps 9 and gamma 0.2 would cut 2: n_bottom = max(0, 10 - 9 - 2) = 0, so the band is
+    # the 9 smallest: only the largest (-5) goes
+    out = run("breadcrumbs", REF10 + TV10, [REF10.clone()], REF10, density=0.9, gamma=0.2)
+    assert torch.equal(out, REF10 + torch.where(TV10.abs() == 5, 0.0, TV10))
+    # gamma 0 is a plain top-density cut; a density under 1/numel keeps nothing (no floor of 1)
+    out = run("breadcrumbs", REF10 + TV10, [REF10.clone()], REF10, density=0.3, gamma=0.0)
+    assert torch.equal(out, REF10 + torch.where(TV10.abs() >= 3, TV10, 0.0))
+    out = run("breadcrumbs", REF10 + TV10, [REF10.clone()], REF10, density=0.05)
+    assert torch.equal(out, REF10)
+
+
+def test_breadcrumbs_keeps_ties_at_the_band_edges_as_a_stable_sort() -> None:
+    # |tv| = 1 1 1 2 2 2 3 3 (ascending ranks of a stable sort: by index among equals); density 0.5,
+    # gamma 0.25 -> ranks [8 - 4 - 2, 8 - 2) = [2, 6): the last 1, all three 2s
+    tv = torch.tensor([2.0, -1.0, 3.0, 1.0, -2.0, 3.0, -1.0, 2.0])
+    reference = torch.zeros(8)
+    out = run("breadcrumbs", tv, [reference.clone()], reference, density=0.5, gamma=0.25)
+    assert torch.equal(out, torch.tensor([2.0, 0.0, 0.0, 0.0, -2.0, 0.0, -1.0, 2.0]))
+
+
+def test_breadcrumbs_rescale_restores_the_l1_norm_and_ties_elects_signs() -> None:
+    out = run("breadcrumbs", REF10 + TV10, [REF10.clone()], REF10, density=0.5, gamma=0.2, rescale=True)
+    kept = torch.tensor([0.0, 0.0, 0.375, 2.0, 0.0, 1.0, 0.0, 0.0, -3.0, 0.5])
+    sums = [torch.tensor(float(v.double().abs().sum()), dtype=torch.float32) for v in (TV10, kept)]
+    factor = sums[0] / sums[1]  # 16.3125 / 6.875
+    assert torch.equal(out, REF10 + kept * factor)
+    # with sign election: the secondary's task vector -TV10 / 2 keeps the same band; weighted 3 it
+    # outvotes the base everywhere, so only its entries survive (no normalize: summed as they are)
+    out = run("breadcrumbs_ties", REF10 + TV10, [REF10 - TV10 / 2], REF10, weight=[1.0, 3.0],
+              density=0.5, gamma=0.2)
+    assert torch.equal(out, REF10 - 1.5 * kept)
+
+
+# --- DELLA ------------------------------------------------------------------------------------
+
+
+def test_della_keep_probabilities_rise_with_the_magnitude_rank() -> None:
+    # one row of 5 distinct magnitudes, ranks 1..5: p = (0.5 - 0.2) + (rank - 1) / 4 * 0.4
+    tv = torch.tensor([[0.3, -0.1, 0.5, -0.2, 0.4]])
+    reference = torch.zeros(1, 5)
+    probabilities = torch.tensor([[0.5, 0.3, 0.7, 0.4, 0.6]])
+    for seed in range(5):
+        out = run("della_linear", tv, [reference.clone()], reference, seed=seed, density=0.5, epsilon=0.2,
+                  rescale=False)
+        expected_keep = torch.bernoulli(probabilities, generator=torch.Generator().manual_seed(seed)).bool()
+        assert torch.equal(out, torch.where(expected_keep, tv, 0.0))
+
+
+def test_della_keeps_the_density_on_average_and_the_large_more_often() -> None:
+    reference, base, secondary = _dare_inputs()
+    out = run("della_linear", base, [secondary], reference, seed=3, weight=[1.0, 0.0], density=0.4,
+              epsilon=0.3, rescale=False)
+    kept = out != reference
+    assert abs(kept.double().mean().item() - 0.4) < 5 * (0.4 * 0.6 / kept.numel()) ** 0.5
+    magnitude = (base - reference).abs()
+    small, large = magnitude < magnitude.quantile(0.1), magnitude > magnitude.quantile(0.9)
+    # ranks 0-10% are kept with probability 0.1-0.16, ranks 90-100% with 0.64-0.7
+    assert kept[small].double().mean() < 0.2 and kept[large].double().mean() > 0.6
+
+
+def test_della_rescales_to_the_l1_norm_and_elects_signs() -> None:
+    reference, base, secondary = _dare_inputs()
+    out = run("della_linear", base, [secondary], reference, seed=5, weight=[1.0, 0.0], density=0.5)
+    delta, merged = base - reference, out - reference
+    assert merged.abs().sum().item() == pytest.approx(delta.abs().sum().item(), rel=1e-5)
+    kept = merged != 0
+    factor = delta.abs().sum() / delta[kept].abs().sum()
+    assert torch.allclose(merged[kept], delta[kept] * factor, rtol=1e-6, atol=1e-6)  # (r + x) - r rounds
+
+
+def test_della_same_seed_is_bitwise_equal_and_density_1_is_ties() -> None:
+    reference, base, secondary = _dare_inputs()
+    for name in ("della", "della_linear"):
+        first = run(name, base, [secondary], reference, seed=1, density=0.5)
+        assert torch.equal(first, run(name, base, [secondary], reference, seed=1, density=0.5))
+        assert not torch.equal(first, run(name, base, [secondary], reference, seed=2, density=0.5))
+    # nothing is dropped at density 1: della is ties' sign election, della_linear a plain sum
+    assert torch.equal(run("della", base, [secondary], reference), run("ties", base, [secondary], reference))
+    assert torch.equal(run("della_linear", base, [secondary], reference),
+                       run("task_arithmetic", base, [secondary], reference))
+
+
+def test_della_needs_a_generator() -> None:
+    reference, base, secondary = _dare_inputs()
+    message = "^tensor 'w': method 'della' drops at random and needs a seeded generator$"
+    with pytest.raises(ScfError, match=message):
+        run("della", base, [secondary], reference, seed=None, density=0.5)
+
+
 # --- SCE --------------------------------------------------------------------------------------
 
 REF4 = torch.tensor([1.0, -1.0, 0.5, 2.0])
@@ -181,7 +286,7 @@ def test_sce_weights_by_mean_squared_magnitude() -> None:
 def test_identical_inputs_return_the_input(name: str) -> None:
     x = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
     params = {"density": 0.5} if "density" in METHODS[name].params.model_fields else {}
-    assert torch.equal(run(name, x.clone(), [x.clone()], x.clone(), **params), x)
+    assert torch.equal(run(name, x.clone(), [x.clone()], x.clone(), **runnable_params(name, **params)), x)
 
 
 @pytest.mark.parametrize("name", sorted(n for n, spec in METHODS.items() if spec.needs_reference))

@@ -8,7 +8,8 @@ import torch
 
 from scf.errors import ScfError
 from scf.methods.base import TensorInputs
-from scf.methods.scf import ScfParams, scf_kl, scf_rkl
+from scf.methods.params import ScfParams
+from scf.methods.scf import scf_kl, scf_rkl
 
 DEFAULTS = ScfParams()
 

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 from helpers_ckpt import finetune, llama_config, llama_state, save_checkpoint
+from helpers_methods import n_secondaries, takes_reference
 
 import scf.divergence
+import scf.methods.base
 import scf.methods.linear
 import scf.methods.scf
-import scf.methods.task_arithmetic
 from scf.io import open_checkpoint
 from scf.merge import merge
 from scf.methods.base import TensorInputs, Workspace
@@ -36,7 +37,7 @@ def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(scf.divergence, "_CHUNK_ELEMENTS", 1000)
     monkeypatch.setattr(scf.methods.scf, "_SELECT_CHUNK", 777)
     monkeypatch.setattr(scf.methods.linear, "_CHUNK", 999)
-    monkeypatch.setattr(scf.methods.task_arithmetic, "CHUNK_ELEMENTS", 555)
+    monkeypatch.setattr(scf.methods.base, "CHUNK_ELEMENTS", 555)
 
 
 def test_every_method_streams_from_the_stored_dtype() -> None:
@@ -44,7 +45,12 @@ def test_every_method_streams_from_the_stored_dtype() -> None:
 
 
 PARAMS = {"linear": {"weight": [0.3, 0.5, 0.2]}, "ties": {"density": 0.5}, "dare_linear": {"density": 0.6},
-          "dare_ties": {"density": 0.6}, "sce": {"select_topk": 0.5}}
+          "dare_ties": {"density": 0.6}, "sce": {"select_topk": 0.5}, "slerp": {"t": 0.3},
+          "nearswap": {"t": 1e-3}, "nuslerp": {"weight": [0.3, 0.5]},
+          "multislerp": {"weight": [0.3, 0.5, 0.2]},
+          "breadcrumbs": {"density": 0.6, "gamma": 0.1, "rescale": True},
+          "breadcrumbs_ties": {"density": 0.6, "gamma": 0.1}, "della": {"density": 0.6},
+          "della_linear": {"density": 0.5, "epsilon": 0.2}, "model_stock": {"filter_wise": True}}
 
 
 @pytest.mark.parametrize("method", STREAMING)
@@ -53,8 +59,9 @@ PARAMS = {"linear": {"weight": [0.3, 0.5, 0.2]}, "ties": {"density": 0.5}, "dare
 def test_stored_dtype_equals_float32_upcast(method: str, dtype: torch.dtype, shape: tuple[int, ...],
                                             small_chunks: None) -> None:
     spec = METHODS[method]
-    stored = _stored_pair(dtype, shape, n_secondaries=1 if method.startswith("scf") else 2)
-    models, reference = (stored[1:], stored[0]) if spec.needs_reference else (stored, None)
+    n_models = 1 + n_secondaries(method, 1 if method.startswith("scf") else 2)
+    stored = _stored_pair(dtype, shape, n_secondaries=n_models)  # a reference and the models
+    models, reference = stored[1:], (stored[0] if takes_reference(method) else None)
     params = validate_params(method, PARAMS.get(method, {}), len(models))
 
     def run(tensors: list[torch.Tensor], ref: torch.Tensor | None) -> torch.Tensor:
@@ -150,7 +157,8 @@ def test_a_method_without_stored_dtype_gets_float32_copies(tmp_path: Path,
         seen.append((inputs.name, [t.dtype for t in models]))
         return sum(models) / len(models)
 
-    probe = dataclasses.replace(METHODS["linear"], name="mean_probe", fn=mean_probe, stored_dtype=False)
+    probe = dataclasses.replace(METHODS["linear"], name="mean_probe", function=mean_probe,
+                                stored_dtype=False)
     monkeypatch.setitem(METHODS, "mean_probe", probe)
     config = llama_config(n_layers=1)
     state = llama_state(config, seed=6, dtype=torch.bfloat16)

@@ -3,44 +3,11 @@
 from __future__ import annotations
 
 import torch
-from pydantic import field_validator, model_validator
 
-from scf.methods.base import (
-    MethodParams,
-    PerModel,
-    TensorInputs,
-    check_each,
-    element_chunks,
-    per_model_values,
-)
+from scf.methods.base import TensorInputs, element_chunks
+from scf.methods.params import LinearParams, per_model_values
 
-LINEAR_URL = "https://arxiv.org/abs/2203.05482"
 _CHUNK = 1 << 20  # elements per step: the float32 operands of a step stay in cache
-
-
-class LinearParams(MethodParams):
-    """Parameters of `linear`.
-
-    Attributes:
-        weight: per-model weight (scalar or one per model ``[base, *secondaries]``). mergekit
-            requires it; here it defaults to 1.0 (a plain mean).
-        normalize: divide by the sum of the weights (mergekit default True).
-    """
-
-    weight: PerModel = 1.0
-    normalize: bool = True
-
-    @field_validator("weight")
-    @classmethod
-    def _finite(cls, value: PerModel) -> PerModel:
-        return check_each(value, float("-inf"), float("inf"))
-
-    @model_validator(mode="after")
-    def _nonzero_sum(self) -> LinearParams:
-        weights = self.weight if isinstance(self.weight, list) else [self.weight]
-        if self.normalize and sum(weights) == 0:
-            raise ValueError("weight: the weights sum to 0, so normalize=true would divide by zero")
-        return self
 
 
 def linear(inputs: TensorInputs, params: LinearParams) -> torch.Tensor:

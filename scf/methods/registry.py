@@ -1,9 +1,16 @@
 """The one registry of merge methods, written out by hand.
 
-Adding a method: write its pure function and pydantic parameter model in its own module under
-``scf/methods/``, then add one ``MethodSpec`` entry to ``METHODS`` below. Nothing registers itself
-on import. (Next candidate: directional alignment, arXiv 2512.00391, once its algorithm is
-specified in enough detail to implement.)
+Adding a method: write its pure function in its own module under ``scf/methods/`` and its pydantic
+parameter model in ``scf/methods/params.py``, then add one ``MethodSpec`` entry to ``METHODS``
+below. Nothing registers itself on import, and this module imports no torch: each entry names its
+function as ``"module:function"``, imported on first use (``MethodSpec.fn``), so listing methods
+and validating parameters stay fast (as lm-eval's ``MODEL_MAPPING`` names its backends).
+
+Not here yet: mergekit's ``passthrough`` (copy one model's tensors, optionally scaled, for layer-
+stacking "frankenmerges"). It needs the engine to map output tensor names to input layer slices;
+once the engine resolves a slice per output tensor, passthrough is a method that takes exactly one
+model and a ``scale`` parameter, registered here like any other. (Also a candidate: directional
+alignment, arXiv 2512.00391, once its algorithm is specified in enough detail to implement.)
 
 Example:
     >>> spec = get_method("linear")
@@ -14,31 +21,23 @@ Example:
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cache
+from typing import TYPE_CHECKING
 
-import torch
 from pydantic import BaseModel, ValidationError
 
 from scf.errors import ScfError
-from scf.methods.base import TensorInputs
-from scf.methods.linear import LINEAR_URL, LinearParams, linear
-from scf.methods.scf import SCF_RKL_URL, ScfParams, scf_kl, scf_rkl
-from scf.methods.task_arithmetic import (
-    DARE_URL,
-    SCE_URL,
-    TASK_ARITHMETIC_URL,
-    TIES_URL,
-    DareParams,
-    SceParams,
-    TaskArithmeticParams,
-    TiesParams,
-    dare_linear,
-    dare_ties,
-    sce,
-    task_arithmetic,
-    ties,
-)
+from scf.methods import params as p
+
+if TYPE_CHECKING:
+    import torch
+
+    from scf.methods.base import TensorInputs
+
+MethodFn = Callable[["TensorInputs", BaseModel], "torch.Tensor"]
 
 
 @dataclass(frozen=True)
@@ -47,7 +46,8 @@ class MethodSpec:
 
     Attributes:
         name: the name users write (``method:`` in configs, ``--method`` on the CLI).
-        fn: the pure function ``fn(TensorInputs, params) -> Tensor``.
+        function: the pure function ``fn(TensorInputs, params) -> Tensor``, as ``"module:function"``
+            (imported on first use) or the function itself.
         params: the pydantic model of its parameters (defaults, bounds, unknown keys rejected).
         needs_reference: True for task-vector methods (they need the common ancestor).
         per_model_params: parameter names that may be a list, one value per model
@@ -57,26 +57,50 @@ class MethodSpec:
         stored_dtype: True when ``fn`` takes the inputs in their stored dtype (bf16, fp16 or fp32)
             and converts what it needs to float32 a chunk at a time; otherwise the engine hands it
             float32 copies (memory and time for a full upcast of every input).
+        optional_reference: the method works without ``reference`` and uses it when given (its
+            inputs then become task vectors against it, as mergekit does with an optional
+            ``base_model``).
+        secondaries: the fewest and most secondaries the method merges (None: no limit).
     """
 
     name: str
-    fn: Callable[[TensorInputs, BaseModel], torch.Tensor]
+    function: str | MethodFn
     params: type[BaseModel]
     needs_reference: bool
     per_model_params: tuple[str, ...]
     reference_url: str
     summary: str
     stored_dtype: bool = False
+    optional_reference: bool = False
+    secondaries: tuple[int, int | None] = (1, None)
 
+    @property
+    def fn(self) -> MethodFn:
+        """The method's function (its module is imported on first use)."""
+        return self.function if callable(self.function) else _resolve(self.function)
+
+
+@cache
+def _resolve(path: str) -> MethodFn:
+    module, _, attribute = path.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+_GTA = ("weight", "density")  # the per-model parameters of the generalized task-arithmetic presets
 
 METHODS: dict[str, MethodSpec] = {
     "scf_rkl": MethodSpec(
         name="scf_rkl",
-        fn=scf_rkl,
-        params=ScfParams,
+        function="scf.methods.scf:scf_rkl",
+        params=p.ScfParams,
         needs_reference=False,
         per_model_params=(),
-        reference_url=SCF_RKL_URL,
+        reference_url=(
+            # The paper ("Beyond Parameter Arithmetic: Sparse Complementary Fusion for Distribution-Aware
+            # Model Merging", Lin et al., 2026); its arXiv id is not in our copy, so this is a title search.
+            "https://arxiv.org/search/?searchtype=title&query="
+            "Sparse+Complementary+Fusion+for+Distribution-Aware+Model+Merging"
+        ),
         summary=(
             "Sparse complementary fusion with reverse KL (Algorithm 1 of 'Beyond Parameter Arithmetic'): "
             "take a secondary's value where |s-b| * KL(q_base||p_secondary) of its row is an outlier "
@@ -86,11 +110,14 @@ METHODS: dict[str, MethodSpec] = {
     ),
     "scf_kl": MethodSpec(
         name="scf_kl",
-        fn=scf_kl,
-        params=ScfParams,
+        function="scf.methods.scf:scf_kl",
+        params=p.ScfParams,
         needs_reference=False,
         per_model_params=(),
-        reference_url=SCF_RKL_URL,
+        reference_url=(
+            "https://arxiv.org/search/?searchtype=title&query="
+            "Sparse+Complementary+Fusion+for+Distribution-Aware+Model+Merging"
+        ),
         summary=(
             "SCF with forward KL (the paper's ablation). mergekit's `arcee_fusion` is this method "
             "with subsampled, approximate quantiles (and rows over the last dimension); this one is exact."
@@ -99,61 +126,181 @@ METHODS: dict[str, MethodSpec] = {
     ),
     "linear": MethodSpec(
         name="linear",
-        fn=linear,
-        params=LinearParams,
+        function="scf.methods.linear:linear",
+        params=p.LinearParams,
         needs_reference=False,
         per_model_params=("weight",),
-        reference_url=LINEAR_URL,
+        reference_url="https://arxiv.org/abs/2203.05482",
         summary="Weighted average of base and secondaries (model soup); mergekit `linear`.",
+        stored_dtype=True,
+    ),
+    "slerp": MethodSpec(
+        name="slerp",
+        function="scf.methods.slerp:slerp",
+        params=p.SlerpParams,
+        needs_reference=False,
+        per_model_params=(),
+        reference_url="https://en.wikipedia.org/wiki/Slerp",
+        summary=(
+            "Spherical interpolation from the base (t=0) to the one secondary (t=1) along the arc "
+            "between the two flattened tensors; linear where they are nearly parallel. mergekit "
+            "`slerp` with our base as its base_model."
+        ),
+        stored_dtype=True,
+        secondaries=(1, 1),
+    ),
+    "nuslerp": MethodSpec(
+        name="nuslerp",
+        function="scf.methods.slerp:nuslerp",
+        params=p.NuslerpParams,
+        needs_reference=False,
+        per_model_params=("weight",),
+        reference_url="https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md",
+        summary=(
+            "SLERP of base and secondary with t = w1 / (w0 + w1), over the whole tensor or row by "
+            "row; with a reference, of their task vectors. mergekit `nuslerp` (its base_model is "
+            "our reference)."
+        ),
+        stored_dtype=True,
+        optional_reference=True,
+        secondaries=(1, 1),
+    ),
+    "multislerp": MethodSpec(
+        name="multislerp",
+        function="scf.methods.slerp:multislerp",
+        params=p.MultislerpParams,
+        needs_reference=False,
+        per_model_params=("weight",),
+        reference_url="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+        summary=(
+            "Weighted interpolation of any number of models on the hypersphere (tangent space at "
+            "their weighted mean direction); with a reference, of their task vectors. mergekit "
+            "`multislerp` (its base_model is our reference)."
+        ),
+        stored_dtype=True,
+        optional_reference=True,
+    ),
+    "nearswap": MethodSpec(
+        name="nearswap",
+        function="scf.methods.nearswap:nearswap",
+        params=p.NearswapParams,
+        needs_reference=False,
+        per_model_params=(),
+        reference_url="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+        summary=(
+            "Move each base element towards the secondary where the two are close: by "
+            "min(1, t / |b - s|). mergekit `nearswap` with our base as its base_model."
+        ),
+        stored_dtype=True,
+        secondaries=(1, 1),
+    ),
+    "model_stock": MethodSpec(
+        name="model_stock",
+        function="scf.methods.model_stock:model_stock",
+        params=p.ModelStockParams,
+        needs_reference=True,
+        per_model_params=(),
+        reference_url="https://arxiv.org/abs/2403.19522",
+        summary=(
+            "Model Stock: interpolate between the reference and the models' average by a ratio from "
+            "the mean cosine between their task vectors, per tensor or per row. mergekit `model_stock`."
+        ),
         stored_dtype=True,
     ),
     "task_arithmetic": MethodSpec(
         name="task_arithmetic",
-        fn=task_arithmetic,
-        params=TaskArithmeticParams,
+        function="scf.methods.task_arithmetic:task_arithmetic",
+        params=p.TaskArithmeticParams,
         needs_reference=True,
-        per_model_params=("weight", "density"),
-        reference_url=TASK_ARITHMETIC_URL,
+        per_model_params=_GTA,
+        reference_url="https://arxiv.org/abs/2212.04089",
         summary="reference + lambda * weighted sum of task vectors (model - reference); mergekit preset.",
         stored_dtype=True,
     ),
     "ties": MethodSpec(
         name="ties",
-        fn=ties,
-        params=TiesParams,
+        function="scf.methods.task_arithmetic:ties",
+        params=p.TiesParams,
         needs_reference=True,
-        per_model_params=("weight", "density"),
-        reference_url=TIES_URL,
+        per_model_params=_GTA,
+        reference_url="https://arxiv.org/abs/2306.01708",
         summary="TIES: trim task vectors to top-density magnitudes, elect signs, disjoint weighted mean.",
         stored_dtype=True,
     ),
     "dare_linear": MethodSpec(
         name="dare_linear",
-        fn=dare_linear,
-        params=DareParams,
+        function="scf.methods.task_arithmetic:dare_linear",
+        params=p.DareParams,
         needs_reference=True,
-        per_model_params=("weight", "density"),
-        reference_url=DARE_URL,
+        per_model_params=_GTA,
+        reference_url="https://arxiv.org/abs/2311.03099",
         summary="DARE: drop task-vector entries at random (seeded), rescale by 1/density, weighted sum.",
         stored_dtype=True,
     ),
     "dare_ties": MethodSpec(
         name="dare_ties",
-        fn=dare_ties,
-        params=DareParams,
+        function="scf.methods.task_arithmetic:dare_ties",
+        params=p.DareParams,
         needs_reference=True,
-        per_model_params=("weight", "density"),
-        reference_url=DARE_URL,
+        per_model_params=_GTA,
+        reference_url="https://arxiv.org/abs/2311.03099",
         summary="DARE drop and rescale, then TIES sign election.",
+        stored_dtype=True,
+    ),
+    "breadcrumbs": MethodSpec(
+        name="breadcrumbs",
+        function="scf.methods.task_arithmetic:breadcrumbs",
+        params=p.BreadcrumbsParams,
+        needs_reference=True,
+        per_model_params=(*_GTA, "gamma"),
+        reference_url="https://arxiv.org/abs/2312.06795",
+        summary=(
+            "Model Breadcrumbs: cut each task vector's largest magnitudes (gamma) and its smallest "
+            "(down to density), weighted sum; mergekit preset."
+        ),
+        stored_dtype=True,
+    ),
+    "breadcrumbs_ties": MethodSpec(
+        name="breadcrumbs_ties",
+        function="scf.methods.task_arithmetic:breadcrumbs_ties",
+        params=p.BreadcrumbsParams,
+        needs_reference=True,
+        per_model_params=(*_GTA, "gamma"),
+        reference_url="https://arxiv.org/abs/2312.06795",
+        summary="Breadcrumbs' two-sided magnitude cut, then TIES sign election; mergekit preset.",
+        stored_dtype=True,
+    ),
+    "della": MethodSpec(
+        name="della",
+        function="scf.methods.task_arithmetic:della",
+        params=p.DellaParams,
+        needs_reference=True,
+        per_model_params=(*_GTA, "epsilon"),
+        reference_url="https://arxiv.org/abs/2406.11617",
+        summary=(
+            "DELLA: drop task-vector entries at random (seeded) with keep probabilities rising with "
+            "their magnitude's rank in the row (density +- epsilon), restore the L1 norm, TIES sign "
+            "election; mergekit preset."
+        ),
+        stored_dtype=True,
+    ),
+    "della_linear": MethodSpec(
+        name="della_linear",
+        function="scf.methods.task_arithmetic:della_linear",
+        params=p.DellaLinearParams,
+        needs_reference=True,
+        per_model_params=(*_GTA, "epsilon"),
+        reference_url="https://arxiv.org/abs/2406.11617",
+        summary="DELLA's rank-based random drop and L1 rescale, then a weighted sum; mergekit preset.",
         stored_dtype=True,
     ),
     "sce": MethodSpec(
         name="sce",
-        fn=sce,
-        params=SceParams,
+        function="scf.methods.task_arithmetic:sce",
+        params=p.SceParams,
         needs_reference=True,
         per_model_params=(),
-        reference_url=SCE_URL,
+        reference_url="https://arxiv.org/abs/2408.07990",
         summary="SCE: select high-variance entries, weight task vectors by mean square, erase minority signs",
         stored_dtype=True,
     ),
@@ -192,10 +339,11 @@ def validate_params(name: str, params: Mapping, n_models: int) -> BaseModel:
         The method's parameter model instance, defaults filled in.
 
     Raises:
-        ScfError: unknown method, unknown key, out-of-range value or wrong list length; the
-            message names the method and the key.
+        ScfError: unknown method, unknown key, out-of-range value, wrong list length, or a number
+            of models the method does not merge; the message names the method and the key.
     """
     spec = get_method(name)
+    _check_model_count(spec, n_models)
     try:
         validated = spec.params.model_validate(dict(params))
     except ValidationError as exc:
@@ -209,6 +357,21 @@ def validate_params(name: str, params: Mapping, n_models: int) -> BaseModel:
                 f"models ([base, *secondaries]); give one value per model or a single number"
             )
     return validated
+
+
+def _check_model_count(spec: MethodSpec, n_models: int) -> None:
+    """ScfError unless the method merges ``n_models - 1`` secondaries (slerp: exactly one)."""
+    fewest, most = spec.secondaries
+    n_secondaries = n_models - 1
+    if fewest <= n_secondaries and (most is None or n_secondaries <= most):
+        return
+    if most == fewest:
+        wanted = f"exactly {fewest} secondar{'y' if fewest == 1 else 'ies'}"
+    elif most is None:
+        wanted = f"at least {fewest} secondar{'y' if fewest == 1 else 'ies'}"
+    else:
+        wanted = f"{fewest} to {most} secondaries"
+    raise ScfError(f"method {spec.name!r} merges the base with {wanted}, got {n_secondaries}")
 
 
 def _relevant(errors: list) -> list:
@@ -244,4 +407,6 @@ def _describe(err: Mapping, params_model: type[BaseModel]) -> str:
         return f"params.{key}: unknown parameter{hint}; known: {', '.join(known)}"
     if err["type"] == "value_error":  # our validators already quote the offending value
         return f"params.{key}: {message}"
+    if err["type"] == "missing":
+        return f"params.{key}: required (the method has no default for it)"
     return f"params.{key}: {message} (got {err.get('input')!r})"

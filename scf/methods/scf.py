@@ -18,48 +18,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
 
 from scf.divergence import importance
 from scf.errors import ScfError
-from scf.methods.base import MethodParams, TensorInputs, Workspace
+from scf.methods.base import TensorInputs, Workspace
+from scf.methods.params import ScfParams
 from scf.quantile import quantiles
 
-# The paper ("Beyond Parameter Arithmetic: Sparse Complementary Fusion for Distribution-Aware Model
-# Merging", Lin et al., 2026); its arXiv id is not in our copy, so this is a title search.
 _SELECT_CHUNK = 1 << 22  # elements per step of the final select (4 MB masks: few kernel launches)
-
-SCF_RKL_URL = (
-    "https://arxiv.org/search/?searchtype=title&query="
-    "Sparse+Complementary+Fusion+for+Distribution-Aware+Model+Merging"
-)
-
-
-class ScfParams(MethodParams):
-    """Parameters of `scf_rkl` and `scf_kl` (the paper's defaults).
-
-    Attributes:
-        eps: added to every softmax probability before the KL (no renormalising).
-        q_low: lower quantile of the spread term (Q1).
-        q_center: the centre quantile (the median).
-        q_high: upper quantile of the spread term (Q3).
-        alpha: how many spreads above the centre the threshold sits; larger keeps more base.
-    """
-
-    eps: float = Field(1e-8, gt=0.0, le=1.0)
-    q_low: float = Field(0.25, ge=0.0, le=1.0)
-    q_center: float = Field(0.5, ge=0.0, le=1.0)
-    q_high: float = Field(0.75, ge=0.0, le=1.0)
-    alpha: float = Field(1.5, ge=0.0)
-
-    @model_validator(mode="after")
-    def _ordered_quantiles(self) -> ScfParams:
-        if not self.q_low <= self.q_center <= self.q_high:
-            raise ValueError(
-                f"need q_low <= q_center <= q_high, got q_low={self.q_low}, "
-                f"q_center={self.q_center}, q_high={self.q_high}"
-            )
-        return self
 
 
 def scf_rkl(inputs: TensorInputs, params: ScfParams) -> torch.Tensor:

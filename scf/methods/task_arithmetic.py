@@ -1,116 +1,64 @@
-"""The task-arithmetic family: one core, ``sparsify -> weight -> sign consensus -> sum -> lambda``.
+"""The task-arithmetic family: one core, ``sparsify -> rescale -> weight -> elect signs -> sum -> lambda``.
 
 Task vectors are taken against ``reference`` (the common ancestor; mergekit's ``base_model``).
 Every contributing model ``[base, *secondaries]`` gives one task vector ``model - reference``.
-`task_arithmetic`, `ties`, `dare_linear` and `dare_ties` are presets of one core (mergekit's
-generalized task arithmetic); `sce` reuses its weighting and consensus steps with data-dependent
-weights. Names, parameters and defaults follow mergekit.
+`task_arithmetic`, `ties`, `dare_linear`, `dare_ties`, `breadcrumbs`, `breadcrumbs_ties`, `della`
+and `della_linear` are presets of one core (mergekit's generalized task arithmetic), differing in
+the sparsifier, in sign consensus and in defaults; `sce` reuses its weighting and consensus steps
+with data-dependent weights. Names, parameters and defaults follow mergekit 0.1.5.
 
 Memory: the inputs may be bf16/fp16/fp32 and read-only (memory-mapped); nothing of their size is
 made but the float32 result (used as scratch for whole-tensor statistics before it is written) and
-DARE's bool keep masks. Everything else streams over flat chunks of ``CHUNK_ELEMENTS`` elements:
-whole-tensor statistics first (exact, as a few numbers), then each chunk's merged value.
+the bool keep masks of the random sparsifiers (DARE, DELLA). Everything else streams over flat
+chunks of ``base.CHUNK_ELEMENTS`` elements: whole-tensor statistics first (exact, as a few numbers), then
+each chunk's merged value.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import ConfigDict, Field, field_validator
 
 from scf.errors import ScfError
-from scf.methods.base import (
-    MethodParams,
-    PerModel,
-    TensorInputs,
-    Workspace,
-    check_each,
-    element_chunks,
+from scf.methods.base import Stream, TensorInputs, require_reference
+from scf.methods.params import (
+    BreadcrumbsParams,
+    DareParams,
+    DellaParams,
+    SceParams,
+    TaskArithmeticParams,
+    TiesParams,
     per_model_values,
 )
 from scf.sparsify import (
+    RankBand,
     TopK,
     agreeing,
+    della_keep_mask,
     draw_keep_mask,
     elect_signs,
+    l1_rescale_factor,
     magnitude_k,
+    outlier_band,
     variance_across,
     variance_select_count,
 )
 
-TASK_ARITHMETIC_URL = "https://arxiv.org/abs/2212.04089"
-TIES_URL = "https://arxiv.org/abs/2306.01708"
-DARE_URL = "https://arxiv.org/abs/2311.03099"
-SCE_URL = "https://arxiv.org/abs/2408.07990"
+Sparsifier = Literal["magnitude", "random", "outliers", "della"] | None
+"""How a preset trims task vectors: TIES, DARE, breadcrumbs, DELLA (or not at all)."""
 
-Sparsifier = Literal["magnitude", "random"] | None
+ChunkMask = Callable[[torch.Tensor, slice], torch.Tensor]
+"""One pass of a task vector's sparsifier: ``keep(delta_chunk, chunk) -> bool mask``, chunks in order."""
 
+Trim = Callable[[], ChunkMask]
+"""A task vector's sparsifier: each call starts a pass over the chunks (selections scan in order)."""
 
-class TaskArithmeticParams(MethodParams):
-    """Parameters shared by `task_arithmetic`, `ties`, `dare_linear` and `dare_ties`.
-
-    Each preset subclasses this with mergekit's defaults for ``normalize`` and ``rescale``.
-
-    Attributes:
-        weight: per-model weight of each task vector (scalar or one per model). mergekit requires
-            it; here it defaults to 1.0.
-        density: per-model fraction of each task vector kept by the sparsifier, in (0, 1].
-        normalize: divide the summed task vectors by the sum of the (agreeing) weights.
-        rescale: divide kept entries by ``density`` after sparsifying (DARE's rescale).
-        lambda_: scale of the merged task vector (config key ``lambda``).
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_by_name=True, serialize_by_alias=True)
-
-    weight: PerModel = 1.0
-    density: PerModel = 1.0
-    normalize: bool = False
-    rescale: bool = False
-    lambda_: float = Field(1.0, alias="lambda")
-
-    @field_validator("weight")
-    @classmethod
-    def _weight_list(cls, value: PerModel) -> PerModel:
-        return check_each(value, float("-inf"), float("inf"))
-
-    @field_validator("density")
-    @classmethod
-    def _density_range(cls, value: PerModel) -> PerModel:
-        return check_each(value, 0.0, 1.0, low_open=True)
-
-
-class TiesParams(TaskArithmeticParams):
-    """`ties` parameters: mergekit defaults normalize=true, rescale=false."""
-
-    normalize: bool = True
-
-
-class DareParams(TaskArithmeticParams):
-    """`dare_linear` / `dare_ties` parameters: mergekit defaults normalize=false, rescale=true."""
-
-    rescale: bool = True
-
-
-class SceParams(MethodParams):
-    """`sce` parameters (mergekit's).
-
-    Attributes:
-        select_topk: share of the elements with nonzero variance across task vectors to keep,
-            in (0, 1]; 1 keeps all.
-    """
-
-    select_topk: float = Field(1.0, gt=0.0, le=1.0)
-
-
-CHUNK_ELEMENTS = 1 << 20
-"""Elements per streaming step: every float32 temporary is this size (4 MB), not the tensor's."""
-
-Trim = Callable[[torch.Tensor, slice], torch.Tensor]
-"""A task vector's sparsifier, chunk by chunk: ``keep(delta_chunk, chunk) -> bool mask``."""
+Rescale = Callable[[torch.Tensor], torch.Tensor]
+"""What a sparsified task-vector chunk is scaled by (in place), e.g. ``1 / density``."""
 
 
 @dataclass(frozen=True)
@@ -137,77 +85,6 @@ class _Combine:
     divisor_floor: float | None = None
 
 
-class _Stream:
-    """One tensor's task vectors, walked in flat chunks, and where the merged values go.
-
-    Buffers come from the engine's workspace when there is one (kept from one tensor to the
-    next: no page faults per tensor), else they are allocated here.
-    """
-
-    def __init__(self, inputs: TensorInputs, method: str) -> None:
-        self.reference = _reference(inputs, method).reshape(-1)
-        self.models = [model.reshape(-1) for model in inputs.models]
-        self.numel = self.reference.numel()
-        self.device = self.reference.device
-        self._workspace = inputs.workspace or Workspace()  # a throwaway one allocates afresh
-        # The engine writes out_dtype: rounding each float32 chunk here is what it would do to a
-        # float32 result, without a float32 copy of the whole tensor.
-        self.out = torch.empty(self.numel, dtype=inputs.out_dtype or torch.float32, device=self.device)
-
-    def buffer(self, key: str, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """A flat scratch tensor, valid until the next request of the same key."""
-        return self._workspace.get(f"task_vectors.{key}", (numel,), dtype, self.device)
-
-    def scores(self) -> torch.Tensor:
-        """A float32 tensor of the tensor's size for whole-tensor statistics (|delta|, variances).
-
-        The result itself when it is float32: it is free until the final pass writes it, and that
-        pass reads each chunk's scores before writing the chunk.
-        """
-        if self.out.dtype == torch.float32:
-            return self.out
-        return self.buffer("scores", self.numel)
-
-    def chunk_buffers(self, key: str, count: int, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
-        """``count`` chunk-sized scratch tensors."""
-        size = min(self.numel, CHUNK_ELEMENTS)
-        return [self.buffer(f"{key}.{i}", size, dtype) for i in range(count)]
-
-    def chunks(
-        self, models: list[torch.Tensor] | None = None
-    ) -> Iterator[tuple[slice, torch.Tensor, list[torch.Tensor]]]:
-        """Walk flat chunks of the task vectors ``model - reference``, computed in float32.
-
-        Args:
-            models: the flat models to take task vectors of (default: all).
-
-        Yields:
-            ``(chunk, reference_chunk, deltas)``: the flat slice, the reference's chunk as float32
-            (read-only) and one float32 task-vector chunk per model, in buffers that the next step
-            reuses (the caller may modify them).
-        """
-        models = self.models if models is None else models
-        reference_buffer, *delta_buffers = self.chunk_buffers("chunk", len(models) + 1)
-        for chunk in element_chunks(self.numel, CHUNK_ELEMENTS):
-            length = chunk.stop - chunk.start
-            reference_chunk = self.reference[chunk]
-            if reference_chunk.dtype != torch.float32:
-                reference_chunk = reference_buffer[:length].copy_(reference_chunk)
-            # A float32 operand makes the subtraction float32 (exact upcast of bf16/fp16 first).
-            deltas = [
-                torch.sub(model[chunk], reference_chunk, out=buffer[:length])
-                for model, buffer in zip(models, delta_buffers, strict=True)
-            ]
-            yield chunk, reference_chunk, deltas
-
-    def write(self, chunk: slice, reference_chunk: torch.Tensor, merged: torch.Tensor) -> None:
-        """Store ``reference + merged`` for one chunk (``merged`` is consumed)."""
-        if self.out.dtype == torch.float32:
-            torch.add(reference_chunk, merged, out=self.out[chunk])
-        else:
-            self.out[chunk].copy_(merged.add_(reference_chunk))
-
-
 @dataclass
 class _Scratch:
     """float32 chunk buffers for combining task vectors."""
@@ -218,7 +95,7 @@ class _Scratch:
     product: torch.Tensor
 
     @classmethod
-    def of(cls, stream: _Stream) -> _Scratch:
+    def of(cls, stream: Stream) -> _Scratch:
         return cls(*stream.chunk_buffers("combine", 4))
 
     def cut(self, size: int) -> _Scratch:
@@ -245,6 +122,26 @@ def dare_ties(inputs: TensorInputs, params: DareParams) -> torch.Tensor:
     return _generalized("dare_ties", inputs, params, sparsifier="random", consensus=True)
 
 
+def breadcrumbs(inputs: TensorInputs, params: BreadcrumbsParams) -> torch.Tensor:
+    """Model Breadcrumbs: cut each task vector's ``gamma`` largest and its smallest magnitudes, sum."""
+    return _generalized("breadcrumbs", inputs, params, sparsifier="outliers", consensus=False)
+
+
+def breadcrumbs_ties(inputs: TensorInputs, params: BreadcrumbsParams) -> torch.Tensor:
+    """Breadcrumbs' two-sided cut, then TIES sign consensus."""
+    return _generalized("breadcrumbs_ties", inputs, params, sparsifier="outliers", consensus=True)
+
+
+def della(inputs: TensorInputs, params: DellaParams) -> torch.Tensor:
+    """DELLA: drop at random with probabilities ranked by magnitude (MagPrune), L1 rescale, TIES consensus."""
+    return _generalized("della", inputs, params, sparsifier="della", consensus=True)
+
+
+def della_linear(inputs: TensorInputs, params: DellaParams) -> torch.Tensor:
+    """DELLA's MagPrune drop and L1 rescale, then a weighted sum (no sign consensus)."""
+    return _generalized("della_linear", inputs, params, sparsifier="della", consensus=False)
+
+
 def _generalized(
     method: str,
     inputs: TensorInputs,
@@ -255,36 +152,89 @@ def _generalized(
 ) -> torch.Tensor:
     """Task vectors -> sparsify (+ rescale) -> weight, elect, sum -> add back to the reference.
 
-    Whole-tensor decisions come first (TIES's per-model magnitude threshold, DARE's keep masks);
-    then one pass over flat chunks computes each chunk's merged value into the result.
+    Whole-tensor decisions come first (TIES's per-model magnitude threshold, breadcrumbs' rank band,
+    the random keep masks, the L1 norms a rescale restores); then one pass over flat chunks
+    computes each chunk's merged value into the result.
     """
-    stream = _Stream(inputs, method)
-    densities = per_model_values(params.density, len(stream.models))
-    if sparsifier == "magnitude":
-        with _named(inputs):
-            trims = [
-                _magnitude_trim(stream, model, density)
-                for model, density in zip(stream.models, densities, strict=True)
-            ]
-    elif sparsifier == "random":
-        trims = _random_trims(inputs, method, densities)
-    else:
-        trims = [None] * len(stream.models)
-    rescale = sparsifier is not None and params.rescale
-    rescales = [density if rescale and density < 1 else None for density in densities]
-    combine = _Combine(
-        per_model_values(params.weight, len(stream.models)), consensus, params.normalize, params.lambda_
-    )
+    stream = Stream(inputs, require_reference(inputs, method))
+    n_models = len(stream.models)
+    densities = per_model_values(params.density, n_models)
+    with _named(inputs):
+        trims = _trims(stream, inputs, method, params, sparsifier, densities)
+        rescales = _rescales(stream, trims, params, sparsifier, densities)
+    combine = _Combine(per_model_values(params.weight, n_models), consensus, params.normalize, params.lambda_)
     scratch = _Scratch.of(stream)
+    masks = [trim() if trim is not None else None for trim in trims]
     for chunk, reference_chunk, deltas in stream.chunks():
-        for delta, trim, rescale in zip(deltas, trims, rescales, strict=True):
-            if trim is not None:
-                delta.mul_(trim(delta, chunk))  # delta * keep, as a dense mask would: dropped -> +-0
+        for delta, mask, rescale in zip(deltas, masks, rescales, strict=True):
+            if mask is not None:
+                delta.mul_(mask(delta, chunk))  # delta * keep, as a dense mask would: dropped -> +-0
             if rescale is not None:
-                delta.div_(rescale)
+                rescale(delta)
         merged = _combine_chunk(deltas, combine, scratch.cut(reference_chunk.numel()))
         stream.write(chunk, reference_chunk, merged)
     return stream.out.view(inputs.base.shape)
+
+
+def _trims(
+    stream: Stream,
+    inputs: TensorInputs,
+    method: str,
+    params: TaskArithmeticParams,
+    sparsifier: Sparsifier,
+    densities: list[float],
+) -> list[Trim | None]:
+    """Each model's sparsifier (None: kept whole, as at density 1 for every sparsifier)."""
+    models = stream.models
+    if sparsifier == "magnitude":
+        return [_magnitude_trim(stream, model, density)
+                for model, density in zip(models, densities, strict=True)]
+    if sparsifier == "outliers":
+        gammas = per_model_values(params.gamma, len(models))
+        return [_outlier_trim(stream, model, density, gamma)
+                for model, density, gamma in zip(models, densities, gammas, strict=True)]
+    if sparsifier == "random":
+        return _random_trims(inputs, method, densities)
+    if sparsifier == "della":
+        epsilons = per_model_values(params.epsilon, len(models))
+        return [_della_trim(stream, inputs, method, model, density, epsilon)
+                for model, density, epsilon in zip(models, densities, epsilons, strict=True)]
+    return [None] * len(models)
+
+
+def _rescales(
+    stream: Stream, trims: list[Trim | None], params: TaskArithmeticParams, sparsifier: Sparsifier,
+    densities: list[float],
+) -> list[Rescale | None]:
+    """How each sparsified task vector is rescaled, when ``rescale`` is on.
+
+    TIES and DARE divide by ``density`` (the DARE paper's rule, kept from before); breadcrumbs and
+    DELLA restore the L1 norm as mergekit 0.1.5 does, which takes a pass for the norms.
+    """
+    if not params.rescale or sparsifier is None:
+        return [None] * len(trims)
+    if sparsifier in ("magnitude", "random"):
+        return [(lambda delta, d=density: delta.div_(d)) if trim is not None else None
+                for trim, density in zip(trims, densities, strict=True)]
+    factors = _l1_factors(stream, trims)
+    return [(lambda delta, f=factor: delta.mul_(f)) if factor is not None else None for factor in factors]
+
+
+def _l1_factors(stream: Stream, trims: list[Trim | None]) -> list[float | None]:
+    """Per model, ``sum|delta| / sum|delta * keep|`` (float64 sums; mergekit's float32 rule)."""
+    sums = torch.zeros(len(trims), 2, dtype=torch.float64, device=stream.device)
+    masks = [trim() if trim is not None else None for trim in trims]
+    (magnitudes,) = stream.chunk_buffers("l1", 1)
+    for chunk, _, deltas in stream.chunks():
+        for i, (delta, mask) in enumerate(zip(deltas, masks, strict=True)):
+            if mask is None:
+                continue
+            size = delta.numel()
+            sums[i, 0] += torch.abs(delta, out=magnitudes[:size]).sum(dtype=torch.float64)
+            delta.mul_(mask(delta, chunk))
+            sums[i, 1] += torch.abs(delta, out=magnitudes[:size]).sum(dtype=torch.float64)
+    return [l1_rescale_factor(float(before), float(after)) if mask is not None else None
+            for mask, (before, after) in zip(masks, sums.tolist(), strict=True)]
 
 
 def sce(inputs: TensorInputs, params: SceParams) -> torch.Tensor:
@@ -303,7 +253,7 @@ def sce(inputs: TensorInputs, params: SceParams) -> torch.Tensor:
         ``reference + merged task vector``, base's shape, in ``inputs.out_dtype`` when given, else
         float32.
     """
-    stream = _Stream(inputs, "sce")
+    stream = Stream(inputs, require_reference(inputs, "sce"))
     select = variances = None
     if params.select_topk < 1:
         variances = stream.scores()
@@ -393,7 +343,26 @@ def _weight_sum(weights: list[float]) -> float:
     return 1.0 if total.abs() < 1e-8 else float(total)
 
 
-def _magnitude_trim(stream: _Stream, model: torch.Tensor, density: float) -> Trim | None:
+def _magnitudes(stream: Stream, model: torch.Tensor) -> torch.Tensor:
+    """``|model - reference|`` of the whole tensor as float32, in ``stream.scores()``."""
+    magnitudes = stream.scores()
+    for chunk, _, (delta,) in stream.chunks([model]):
+        torch.abs(delta, out=magnitudes[chunk])
+    return magnitudes
+
+
+def _selection_trim(stream: Stream, selection: TopK | RankBand) -> Trim:
+    """A trim that recomputes ``|delta|`` per chunk and applies a whole-tensor selection to it."""
+    (chunk_magnitudes,) = stream.chunk_buffers("magnitudes", 1)  # shared: one model at a time
+
+    def start() -> ChunkMask:
+        keep = selection.scan()
+        return lambda delta, chunk: keep(torch.abs(delta, out=chunk_magnitudes[: delta.numel()]))
+
+    return start
+
+
+def _magnitude_trim(stream: Stream, model: torch.Tensor, density: float) -> Trim | None:
     """TIES's trim of one task vector: keep its ``magnitude_k`` largest ``|delta|``.
 
     Args:
@@ -402,16 +371,31 @@ def _magnitude_trim(stream: _Stream, model: torch.Tensor, density: float) -> Tri
         density: fraction to keep; >= 1 keeps all (no trim).
 
     Returns:
-        The chunk-by-chunk trim, or None when nothing is trimmed.
+        The trim, or None when nothing is trimmed.
     """
     if density >= 1:
         return None
-    magnitudes = stream.scores()  # |delta| of the whole tensor, for its k-th largest
-    for chunk, _, (delta,) in stream.chunks([model]):
-        torch.abs(delta, out=magnitudes[chunk])
-    keep = TopK.of(magnitudes, magnitude_k(density, stream.numel)).scan()
-    (chunk_magnitudes,) = stream.chunk_buffers("magnitudes", 1)  # shared: models are trimmed one by one
-    return lambda delta, chunk: keep(torch.abs(delta, out=chunk_magnitudes[: delta.numel()]))
+    top = TopK.of(_magnitudes(stream, model), magnitude_k(density, stream.numel))
+    return _selection_trim(stream, top)
+
+
+def _outlier_trim(stream: Stream, model: torch.Tensor, density: float, gamma: float) -> Trim | None:
+    """Breadcrumbs' trim of one task vector: the band of ranks ``outlier_band`` gives (None at density 1)."""
+    if density >= 1:
+        return None
+    start, stop = outlier_band(density, gamma, stream.numel)
+    return _selection_trim(stream, RankBand.of(_magnitudes(stream, model), start, stop))
+
+
+def _della_trim(
+    stream: Stream, inputs: TensorInputs, method: str, model: torch.Tensor, density: float, epsilon: float
+) -> Trim | None:
+    """DELLA's trim of one task vector: a mask drawn from rank-based probabilities (None at density 1)."""
+    if density >= 1:
+        return None
+    magnitudes = _magnitudes(stream, model).view(inputs.base.shape)
+    mask = della_keep_mask(magnitudes, density, epsilon, _generator(inputs, method)).view(-1)
+    return lambda: (lambda delta, chunk: mask[chunk])
 
 
 def _random_trims(inputs: TensorInputs, method: str, densities: list[float]) -> list[Trim | None]:
@@ -422,13 +406,12 @@ def _random_trims(inputs: TensorInputs, method: str, densities: list[float]) -> 
         if density >= 1:
             trims.append(None)
             continue
-        with _named(inputs):
-            mask = draw_keep_mask(numel, density, _generator(inputs, method), device)
-        trims.append(lambda delta, chunk, mask=mask: mask[chunk])
+        mask = draw_keep_mask(numel, density, _generator(inputs, method), device)
+        trims.append(lambda mask=mask: (lambda delta, chunk: mask[chunk]))
     return trims
 
 
-def _variance_top(stream: _Stream, fraction: float, variances: torch.Tensor) -> TopK:
+def _variance_top(stream: Stream, fraction: float, variances: torch.Tensor) -> TopK:
     """SCE's select step: the top ``fraction`` of nonzero variances across the task vectors.
 
     Args:
@@ -448,7 +431,7 @@ def _variance_top(stream: _Stream, fraction: float, variances: torch.Tensor) -> 
     return TopK.of(variances, variance_select_count(int(nonzero), fraction))
 
 
-def _sce_weights(stream: _Stream, select: TopK | None, variances: torch.Tensor | None) -> list[float]:
+def _sce_weights(stream: Stream, select: TopK | None, variances: torch.Tensor | None) -> list[float]:
     """Each selected task vector's mean square over the sum of them (uniform when that sum is < 1e-6).
 
     The squares are taken and summed in float64 (exact squares of float32 values); each mean is
@@ -480,20 +463,11 @@ def _named(inputs: TensorInputs):
         raise ScfError(f"tensor {inputs.name!r}: {exc}") from None
 
 
-def _reference(inputs: TensorInputs, method: str) -> torch.Tensor:
-    """The reference tensor, or a ScfError explaining why task-vector methods need one."""
-    if inputs.reference is None:
-        raise ScfError(
-            f"tensor {inputs.name!r}: method {method!r} needs `reference`, the common ancestor that "
-            "base and secondaries were fine-tuned from: task vectors are differences from it"
-        )
-    return inputs.reference
-
-
 def _generator(inputs: TensorInputs, method: str) -> torch.Generator:
-    """The per-tensor generator DARE samples from (never the global RNG)."""
+    """The per-tensor generator the random sparsifiers draw from (never the global RNG).
+
+    Called inside ``_named``, which prefixes the tensor's name to the error.
+    """
     if inputs.generator is None:
-        raise ScfError(
-            f"tensor {inputs.name!r}: method {method!r} drops at random and needs a seeded generator"
-        )
+        raise ScfError(f"method {method!r} drops at random and needs a seeded generator")
     return inputs.generator
