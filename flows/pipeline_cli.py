@@ -78,11 +78,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "scores. `scf champion rollback` makes an earlier champion the champion again (MLflow alias and "
         "DuckDB), recording the rollback with its reason.",
     )
-    champion.add_argument("--config", type=Path, required=True, help="pipeline YAML")
+    champion.add_argument("--config", type=Path, help="pipeline YAML (required)")
     champion.set_defaults(func=_champion)
     actions = champion.add_subparsers(dest="champion_action", metavar="ACTION")
     rollback = actions.add_parser("rollback", help="restore an earlier champion")
-    rollback.add_argument("--config", type=Path, required=True, help="pipeline YAML")
+    # SUPPRESS: `scf champion --config C rollback` keeps C (a default would overwrite it)
+    rollback.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="pipeline YAML")
     rollback.add_argument("--to", help="candidate id (prefix) to restore (default: the previous champion)")
     rollback.add_argument("--reason", required=True, help="why: stored with the rollback event")
     rollback.set_defaults(func=_rollback)
@@ -168,7 +169,7 @@ def history_text(db_path: Path, config_name: str) -> str:
 def _champion(args: argparse.Namespace) -> int:
     from tasks.config import load_config
 
-    config = load_config(args.config)
+    config = load_config(_config_arg(args))
     print(champion_text(config.duckdb_path, config.name))
     return 0
 
@@ -199,7 +200,7 @@ def _rollback(args: argparse.Namespace) -> int:
     from tasks import results_db, tracking
     from tasks.config import load_config
 
-    config = load_config(args.config)
+    config = load_config(_config_arg(args))
     reigns = results_db.champion_history(config.duckdb_path, config.name)
     current = reigns[-1] if reigns and reigns[-1]["until"] is None else None
     if current is None:
@@ -218,6 +219,12 @@ def _rollback(args: argparse.Namespace) -> int:
           f"(MLflow {tracking.registered_model_name(config.name)} version {version}, alias "
           f"'{tracking.CHAMPION_ALIAS}'); reason: {args.reason}")
     return 0
+
+
+def _config_arg(args: argparse.Namespace) -> Path:
+    if args.config is None:
+        raise PipelineError(f"scf {args.command} needs --config (a pipeline YAML)")
+    return args.config
 
 
 def _rollback_target(reigns: list[dict], current: dict, wanted: str | None) -> dict:

@@ -4,6 +4,7 @@ and a real DuckDB file; then a second run that reuses every cached merge and eva
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -57,14 +58,44 @@ def prefect_server():
         yield
 
 
+class Webhook:
+    """A loopback HTTP server standing in for a Slack webhook: it keeps every JSON body posted."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        posted = self.posted = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                posted.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hooks/nightly"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
 @pytest.fixture(scope="module")
 def two_runs(tiny_zoo: Path, prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Run nightly twice on the same config; return both summaries and the row counts after each."""
     from flows.nightly import nightly
 
     root = tmp_path_factory.mktemp("e2e")
-    config_path = write_config(root)
-    first = nightly(config_path=str(config_path))
+    webhook = Webhook()
+    config_path = write_config(root, notify={"webhook_url": webhook.url})
+    try:
+        first = nightly(config_path=str(config_path))
+    finally:
+        webhook.close()  # the second night's post fails: logged, never fatal
     config = load_config(config_path)
     counts_first = results_db.row_counts(config.duckdb_path)
     champion_dir = Path(config.workdir / "candidates" / first["champion"]) if first["champion"] else None
@@ -80,6 +111,7 @@ def two_runs(tiny_zoo: Path, prefect_server: None, tmp_path_factory: pytest.Temp
         "counts_second": results_db.row_counts(config.duckdb_path),
         "champion_dir": champion_dir,
         "report_mtime": report_mtime,
+        "posted": webhook.posted,
     }
 
 
@@ -243,3 +275,18 @@ def test_io_steps_retry_failures_but_never_bad_input(prefect_server: None) -> No
     with pytest.raises(OSError):
         run("OSError")
     assert calls == ["ScfError", "OSError", "OSError", "OSError"]  # IO trouble: 2 retries
+
+
+@pytest.mark.slow
+def test_the_webhook_receives_the_verdict(two_runs: dict) -> None:
+    [payload] = two_runs["posted"]
+    first = two_runs["first"]
+    label = next(c["label"] for c in first["candidates"] if c["id"] == first["promoted"])
+    assert payload["text"].startswith(f"scf-pipeline e2e: promoted {label} ({first['promoted']}).")
+    assert payload["promoted"] == first["promoted"] and payload["champion"] == first["champion"]
+    assert payload["failures"] == [] and len(payload["candidates"]) == len(CANDIDATES)
+    assert payload["links"]["prefect"].endswith(f"/runs/flow-run/{first['flow_run_id']}")
+    assert payload["links"]["mlflow"].startswith("mlflow ui --backend-store-uri sqlite:///")
+    assert two_runs["second"]["candidates"]  # the second night ran although its post failed
+    resolved = (two_runs["config"].workdir / "artifacts" / "pipeline_config.yaml").read_text()
+    assert "127.0.0.1" not in resolved and "webhook_url: <redacted>" in resolved
