@@ -241,6 +241,9 @@ def evaluate_parents(ctx: RunContext) -> list[ModelResult]:
         for plan, entry in zip(plans, evaluate_in_stages(ctx, entries, judged=False), strict=True):
             if entry.result.failed:
                 raise parent_failed(plan, entry.result.failure)
+            # stored now: the candidates' stages are judged against the parents' samples
+            steps.store_results(ctx.db_path, ctx.config.name, plan.label, plan.record, entry.result.report,
+                                None, str(ctx.flow_run_id))
         return [entry.result for entry in entries]
     jobs: list[tuple[ParentPlan, PrefectFuture, bool]] = []
     for plan in plan_parents(ctx):
