@@ -128,6 +128,7 @@ def start(
         The run context.
     """
     config = load_config(config_path, sources=sources, **overrides)
+    steps.load_secrets(config.secrets)  # before anything reaches the hub or MLflow
     refs = {**config.sources.parents()}
     if config.sources.reference is not None:
         refs["reference"] = config.sources.reference

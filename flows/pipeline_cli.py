@@ -257,7 +257,7 @@ def leaderboard_text(db_path: Path, config_name: str, run_id: str | None = None)
 
     entries = results_db.leaderboard(db_path, config_name, run_id)
     champion = results_db.champion(db_path, config_name)
-    table = results_db.format_leaderboard(entries, champion["candidate_id"] if champion else None)
+    table = format_leaderboard(entries, champion["candidate_id"] if champion else None)
     title = f"Leaderboard: {config_name} (scores; merged candidates show the delta vs the parents' mean)"
     footer = f"champion (*): {champion['candidate_id']}" if champion else "champion: none yet"
     return f"{title}\n{table}\n{footer}\n"
@@ -304,3 +304,39 @@ def report(summary: dict[str, Any], config_path: Path) -> str:
         f"  Plots:   {Path(summary['workdir']) / 'plots'}",
     ]
     return "\n".join(lines)
+
+
+def format_leaderboard(entries: list[dict], champion_id: str | None = None) -> str:
+    """The leaderboard as a fixed-width text table (candidates x benchmarks).
+
+    Args:
+        entries: from ``leaderboard``.
+        champion_id: marks the current champion with ``*``.
+
+    Returns:
+        The table; merged candidates show each score with its delta vs the parents' mean.
+    """
+    keys = sorted({key for entry in entries for key in entry["scores"]})
+    header = ["model", "id", *keys, "repetition", "refusal", "over_refusal", "decision"]
+    lines = [header]
+    for entry in entries:
+        cells = [entry["label"] + (" *" if entry["id"] == champion_id else ""), entry["id"][:12]]
+        for key in keys:
+            value = entry["scores"].get(key)
+            delta = entry["deltas"].get(key)
+            if value is None:
+                cells.append("-")
+            elif entry["kind"] == "merge" and delta is not None:
+                cells.append(f"{value:.3f} ({delta:+.3f})")
+            else:
+                cells.append(f"{value:.3f}")
+        cells += [_fmt(entry[key]) for key in ("repetition_rate", "refusal_rate", "over_refusal_rate")]
+        decision = entry["decision"] or ("parent" if entry["kind"] == "parent" else "-")
+        cells.append("FAILED" if entry["status"] == "failed" else decision)
+        lines.append(cells)
+    widths = [max(len(str(row[i])) for row in lines) for i in range(len(header))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) for row in lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"

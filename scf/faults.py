@@ -1,4 +1,4 @@
-"""A test seam: stop a merge at a named point so a test can kill it there, deterministically.
+"""A test seam: stop a merge (or a pipeline step) at a named point so a test can kill it there.
 
 With ``SCF_FAULT_PAUSE=<point>`` set, a merge reaching that point writes the file named by
 ``SCF_FAULT_MARKER`` (its content: the process id) and waits until that file is deleted, then goes
@@ -13,6 +13,9 @@ Points (in the order a merge reaches them):
   thread waits; needs at least two shards);
 - ``final_rename``: everything is written and fsynced; with ``--overwrite`` the previous output has
   just been moved aside, and the new one is not yet renamed into place.
+
+And one point of the pipeline (``tasks.results_db``): ``duckdb_write``, inside the transaction that
+stores a model's results, after its rows are inserted and before the commit.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 
 PAUSE_ENV = "SCF_FAULT_PAUSE"
 MARKER_ENV = "SCF_FAULT_MARKER"
-POINTS = ("before_first_shard", "between_shards", "final_rename")
+POINTS = ("before_first_shard", "between_shards", "final_rename", "duckdb_write")
 
 
 def pause(point: str) -> None:

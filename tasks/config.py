@@ -36,6 +36,10 @@ from tasks.gate import GatePolicy
 from tasks.notify import NotifySettings
 
 ZOO_PREFIX = "zoo:"
+# Credentials a night may take from Prefect Secret blocks (``secrets:``) instead of the environment.
+SecretVariable = Literal[
+    "HF_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"
+]
 
 
 class ZooSettings(BaseModel):
@@ -233,6 +237,10 @@ class PipelineConfig(BaseModel):
     storage: Storage = Storage()
     execution: ExecutionSettings = ExecutionSettings()
     notify: NotifySettings = NotifySettings()
+    secrets: dict[SecretVariable, str] = Field(
+        default={},
+        description="environment variable -> the name of a Prefect Secret block holding its value",
+    )
     keep_candidates: bool = False
     concurrency: int = Field(2, ge=1, description="local mode: candidate evaluations run at once")
 

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import duckdb
 from pydantic import BaseModel
 
+from scf import faults
 from tasks.errors import PipelineError
 
 if TYPE_CHECKING:
@@ -459,6 +460,7 @@ def write_model_results(
         if samples:
             insert_many(con, "samples", [{**key, "model_id": model.id, **row.model_dump(), "run_id": run_id}
                                          for row in samples])
+        faults.pause("duckdb_write")  # a test seam (scf.faults): killed here, nothing is committed
         return len(scores)
 
     return with_retry(db_path, work)
@@ -795,39 +797,3 @@ def config_names(db_path: Path) -> list[str]:
         read_only=True,
     )
     return [name for (name,) in rows]
-
-
-def format_leaderboard(entries: list[dict], champion_id: str | None = None) -> str:
-    """The leaderboard as a fixed-width text table (candidates x benchmarks).
-
-    Args:
-        entries: from ``leaderboard``.
-        champion_id: marks the current champion with ``*``.
-
-    Returns:
-        The table; merged candidates show each score with its delta vs the parents' mean.
-    """
-    keys = sorted({key for entry in entries for key in entry["scores"]})
-    header = ["model", "id", *keys, "repetition", "refusal", "over_refusal", "decision"]
-    lines = [header]
-    for entry in entries:
-        cells = [entry["label"] + (" *" if entry["id"] == champion_id else ""), entry["id"][:12]]
-        for key in keys:
-            value = entry["scores"].get(key)
-            delta = entry["deltas"].get(key)
-            if value is None:
-                cells.append("-")
-            elif entry["kind"] == "merge" and delta is not None:
-                cells.append(f"{value:.3f} ({delta:+.3f})")
-            else:
-                cells.append(f"{value:.3f}")
-        cells += [_fmt(entry[key]) for key in ("repetition_rate", "refusal_rate", "over_refusal_rate")]
-        decision = entry["decision"] or ("parent" if entry["kind"] == "parent" else "-")
-        cells.append("FAILED" if entry["status"] == "failed" else decision)
-        lines.append(cells)
-    widths = [max(len(str(row[i])) for row in lines) for i in range(len(header))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) for row in lines)
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"

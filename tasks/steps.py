@@ -187,6 +187,25 @@ def _zoo_path(ref: str, zoo_root: Path) -> Path:
     return zoo_root / name
 
 
+def load_secrets(secrets: dict[str, str]) -> None:
+    """Put the credentials the config names (env variable -> Prefect Secret block) into this
+    process's environment, where huggingface_hub, MLflow and every child step read them. Only the
+    names are ever logged, never a value.
+
+    Raises:
+        PipelineError: a Secret block that cannot be loaded (named, without its value).
+    """
+    from prefect.blocks.system import Secret
+
+    for variable, block in secrets.items():
+        try:
+            os.environ[variable] = str(Secret.load(block).get())
+        except ValueError as err:
+            raise PipelineError(f"secrets.{variable}: cannot load Prefect Secret block {block!r} "
+                                f"({type(err).__name__})") from None
+        get_run_logger().info("%s taken from Prefect Secret block %r", variable, block)
+
+
 def zoo_dir(zoo: ZooSettings) -> Path:
     """The toy zoo's directory, built (trained) in a child process on first use, then reused."""
     log = scf_cache_dir() / "logs"

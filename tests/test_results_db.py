@@ -154,7 +154,9 @@ def test_leaderboard_shows_deltas_against_the_parents_mean(tmp_path: Path) -> No
     assert board["c1"]["deltas"]["math.exact_match"] == pytest.approx(0.1)
     assert board["c1"]["deltas"]["strings.exact_match"] == pytest.approx(-0.1)
     assert board["c1"]["decision"] == "rejected" and board["c1"]["reasons"] == ["x"]
-    text = db.format_leaderboard(list(board.values()))
+    from flows.pipeline_cli import format_leaderboard
+
+    text = format_leaderboard(list(board.values()))
     assert "0.500 (+0.100)" in text and "0.500 (-0.100)" in text and "rejected" in text and "0.250" in text
     assert db.config_names(path) == ["cfg"]
 

@@ -1,0 +1,25 @@
+"""The README's promises point at real things: every test its Guarantees section names exists."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_every_guarantee_names_tests_that_exist() -> None:
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Guarantees"): text.index("## Development")]
+    lines = [line for line in section.splitlines() if line.startswith("- ")]
+    assert len(lines) >= 15
+    for line in lines:
+        refs = re.findall(r"`(tests/[\w/]+\.py)(?:::(\w+))?`", line)
+        assert refs, f"a guarantee without its test: {line}"
+        for path, name in refs:
+            assert (REPO / path).is_file(), path
+            if name:
+                tree = ast.parse((REPO / path).read_text())
+                names = {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}
+                assert name in names, f"{path} has no test {name}"
