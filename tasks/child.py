@@ -78,7 +78,7 @@ class _OutputPump:
     def __init__(self, stream, log_path: Path, on_line: Callable[[str], None] | None) -> None:
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
         self._stream, self._log_path, self._on_line = stream, log_path, on_line
-        self._last_progress = 0.0
+        self._last_progress = float("-inf")  # not 0: monotonic() counts from boot, maybe minutes ago
         self._thread = threading.Thread(target=self._run, name="scf-child-output", daemon=True)
         self._thread.start()
 

@@ -11,6 +11,7 @@ task threads never share state.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import time
 from pathlib import Path
@@ -32,8 +33,19 @@ MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 
 
 def client(uri: str) -> MlflowClient:
-    """An MLflow client for a tracking URI."""
-    return MlflowClient(tracking_uri=uri)
+    """An MLflow client for a tracking URI.
+
+    A local sqlite store is opened under a file lock beside the database: opening a new (or older)
+    database runs MLflow's schema migrations, and two nights starting at once on one file would both
+    run them, the second failing with alembic's "expected to match one row".
+    """
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    database = Path(uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{database}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return MlflowClient(tracking_uri=uri)
 
 
 def registered_model_name(config_name: str) -> str:

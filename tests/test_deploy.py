@@ -36,7 +36,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from tasks import results_db
 
 POOL = "scf"  # the process pool prefect.yaml's deployments target
-RUN_TIMEOUT_S = 240
+RUN_TIMEOUT_S = 600  # generous: each evaluation child pays torch, transformers and lm-eval imports
 
 
 def _load_yaml(name: str) -> dict:

@@ -36,8 +36,12 @@ def write_config(root: Path, **changes: object) -> Path:
             "limit": 4,
             "gen": {"max_new_tokens": 16, "batch_size": 16},
         },
-        "gate": {  # 4 items per benchmark prove little: wide tolerances so that candidates can pass
-            "benchmarks": {key: {"tolerance": 1.0} for key in sorted(BENCHMARKS)},
+        # These tests are about the night's mechanics, not the verdict's quality (test_gate.py and
+        # test_racing.py test that): 4 items prove nothing, and a tolerance of 2 passes every parent
+        # check whatever the scores (a 0/1 difference is never below -1), so a healthy candidate
+        # is always promoted on the first night.
+        "gate": {
+            "benchmarks": {key: {"tolerance": 2.0} for key in sorted(BENCHMARKS)},
             "min_items": 4,
             "max_repetition_rate": 1.0,
             "max_refusal_drop": 1.0,
@@ -139,7 +143,7 @@ def test_every_candidate_and_parent_is_stored_with_every_benchmark(two_runs: dic
 
 @pytest.mark.slow
 def test_the_best_passing_candidate_is_promoted(two_runs: dict) -> None:
-    """With no champion yet and tolerances of 1.0, every candidate passes the parent checks; the one
+    """With no champion yet and tolerances of 2, every candidate passes the parent checks; the one
     with the best objective (mean exact match, from its per-item samples) is promoted."""
     first = two_runs["first"]
     assert [c["label"] for c in first["candidates"]] == ["scf_rkl", "linear", "ties"]

@@ -57,10 +57,35 @@ def _decisions(path: Path) -> dict[str, str]:
     return dict(rows)
 
 
+STARTED: list[psutil.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_night_outlives_its_test():
+    """A failed test must not leave a night (and its children) eating the CPU of the tests after it."""
+    yield
+    while STARTED:
+        night = STARTED.pop()
+        if night.is_running():
+            for process in [*night.children(recursive=True), night]:
+                try:
+                    process.kill()
+                except psutil.Error:
+                    pass
+
+
 def _night_process(config: Path, api_url: str, **env: str) -> psutil.Popen:
-    return psutil.Popen([sys.executable, "-m", "flows.cli", "nightly", "--config", str(config)], cwd=REPO,
-                        env={**os.environ, "PREFECT_API_URL": api_url, **env},
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """`scf nightly` in a subprocess against the test server; its output in ``<config>.log``."""
+    with config.with_suffix(".log").open("wb") as log:
+        night = psutil.Popen([sys.executable, "-m", "flows.cli", "nightly", "--config", str(config)],
+                             cwd=REPO, env={**os.environ, "PREFECT_API_URL": api_url, **env},
+                             stdout=log, stderr=subprocess.STDOUT)
+    STARTED.append(night)
+    return night
+
+
+def _tail(config: Path) -> str:
+    return config.with_suffix(".log").read_text(errors="replace")[-3000:]
 
 
 def _wait_for(predicate, process: psutil.Popen, timeout: float = 300) -> None:
@@ -150,7 +175,8 @@ def test_two_nights_at_once_on_one_database_keep_every_row(server: str, tmp_path
         root.mkdir()
         paths.append(_config(root, name, storage={"workdir": str(root / "work"), **shared}))
     nights = [_night_process(path, server) for path in paths]
-    assert [night.wait(timeout=900) for night in nights] == [0, 0]
+    codes = [night.wait(timeout=900) for night in nights]
+    assert codes == [0, 0], "\n\n".join(_tail(path) for path in paths)
     with duckdb.connect(shared["duckdb"], read_only=True) as con:
         rows = con.execute("SELECT config_name, count(*) FROM candidates GROUP BY 1 ORDER BY 1").fetchall()
         decisions = con.execute(
