@@ -29,6 +29,7 @@ from tqdm import tqdm
 import scf
 from scf import diagnostics as diag
 from scf import faults
+from scf.card import CARD_NAME, model_card, shared_license
 from scf.errors import ScfError
 from scf.io import (
     BackgroundWriter,
@@ -102,7 +103,8 @@ def merge(spec: MergeSpec, out: str | Path, *, overwrite: bool = False,
     Args:
         spec: what to merge and how.
         out: the output directory; it appears complete (safetensors shards + index, the base's
-            config and tokenizer files, ``merge_report.json``, ``merge_config.yaml``) or not at all.
+            config, the tokenizer source's tokenizer files, ``merge_report.json``, ``merge_config.yaml``
+            and a ``README.md`` model card) or not at all.
         overwrite: replace an existing ``out`` that is an earlier merge output.
         progress: show a progress bar (one step per tensor) on stderr.
 
@@ -131,6 +133,8 @@ def merge(spec: MergeSpec, out: str | Path, *, overwrite: bool = False,
             report["peak_rss_bytes"] = peak_rss_bytes()
             write_text(tmp / REPORT_NAME, json.dumps(report, indent=2) + "\n")
             write_text(tmp / CONFIG_NAME, yaml.safe_dump(resolved_spec(plan), sort_keys=False))
+            license_id = shared_license([checkpoint.directory for checkpoint in plan.checkpoints])
+            write_text(tmp / CARD_NAME, model_card(report, plan.dest.name, license_id))
     finally:
         for checkpoint in plan.checkpoints:
             checkpoint.close()

@@ -141,6 +141,10 @@ def test_added_tokens_from_the_secondary(models: dict[str, Path], tmp_path: Path
         "vocab_size": VOCAB + 2, "eos_token_id": VOCAB + 1}
     resolved = (out / "merge_config.yaml").read_text()
     assert f"tokenizer_source: {models['added']}\n" in resolved
+    card = (out / "README.md").read_text()
+    assert f"| `{EMBED}` | 32002 | 32000 | 2 | secondary[0] |\n" in card
+    assert "| tokenizer | secondary[0] |\n| generation_config.json | secondary[0] |\n" in card
+    assert "| chat template | secondary[0] (tokenizer_config.json) |\n" in card
 
 
 def test_base_tokenizer_keeps_the_base_rows(models: dict[str, Path], tmp_path: Path) -> None:
