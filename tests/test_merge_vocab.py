@@ -240,6 +240,11 @@ def test_tied_embeddings(tmp_path: Path) -> None:
     assert torch.equal(merged[HEAD], (0.5 * state["model.embed_tokens.weight"] + 0.5 * sec[HEAD]))
     assert report["vocabulary"]["untied"] == ["base"]
     assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    # the other way round: the untied model as base, the tied one's embedding as its head
+    report = merge(MergeSpec(base=str(untied), secondary=[str(tied)], method="linear"), tmp_path / "rev",
+                   progress=False)
+    assert torch.equal(_load(tmp_path / "rev")[HEAD], merged[HEAD])
+    assert report["vocabulary"]["untied"] == ["secondary[0]"]
     # without tie_word_embeddings the missing head is an error naming the model and the key
     (tmp_path / "tied" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ScfError) as err:
