@@ -240,6 +240,11 @@ def test_tied_embeddings(tmp_path: Path) -> None:
     assert torch.equal(merged[HEAD], (0.5 * state["model.embed_tokens.weight"] + 0.5 * sec[HEAD]))
     assert report["vocabulary"]["untied"] == ["base"]
     assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    from transformers import AutoModelForCausalLM  # untied on load too: its head is the merged head
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert torch.equal(model.get_output_embeddings().weight.detach(), merged[HEAD])
+    assert not torch.equal(model.get_input_embeddings().weight.detach(), merged[HEAD])
     # the other way round: the untied model as base, the tied one's embedding as its head
     report = merge(MergeSpec(base=str(untied), secondary=[str(tied)], method="linear"), tmp_path / "rev",
                    progress=False)
