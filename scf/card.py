@@ -80,7 +80,7 @@ def _inputs(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """``(role, {ref, revision, fingerprint})`` of every input, base first."""
     inputs = report["inputs"]
     rows = [("base", inputs["base"])]
-    rows += [(f"secondary {i}", s) for i, s in enumerate(inputs["secondaries"])]
+    rows += [(f"secondary[{i}]", s) for i, s in enumerate(inputs["secondaries"])]
     return rows + ([("reference", inputs["reference"])] if inputs.get("reference") else [])
 
 
@@ -152,7 +152,7 @@ def _sources_section(report: dict[str, Any]) -> str:
     diagnostics = report.get("diagnostics") or {}
     shares = diagnostics.get("fraction_from") or report["totals"]["fraction_from"]
     n_secondaries = len(report["inputs"]["secondaries"])
-    names = {"base": "base"} | {f"secondary_{i}": f"secondary {i}" for i in range(n_secondaries)}
+    names = {"base": "base"} | {f"secondary_{i}": f"secondary[{i}]" for i in range(n_secondaries)}
     lines = ["## Where the parameters come from\n",
              "Share of all parameters whose value is bit-identical to each input's (the first that matches), "
              "or to none of them:\n", "| Source | Share |", "|---|---|"]

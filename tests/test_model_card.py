@@ -53,10 +53,10 @@ def test_card_of_a_merge(pair: tuple[Path, Path, Path], tmp_path: Path) -> None:
     fingerprints = [inputs["base"]["fingerprint"], inputs["secondaries"][0]["fingerprint"],
                     inputs["reference"]["fingerprint"]]
     assert f"| base | `{base}` | (local) | `{fingerprints[0][:16]}` |\n" in body
-    assert f"| secondary 0 | `{sec}` | (local) | `{fingerprints[1][:16]}` |\n" in body
+    assert f"| secondary[0] | `{sec}` | (local) | `{fingerprints[1][:16]}` |\n" in body
     assert f"| reference | `{ref}` | (local) | `{fingerprints[2][:16]}` |\n" in body
     shares = report["diagnostics"]["fraction_from"]
-    assert f"| base | {shares['base']:.2%} |\n| secondary 0 | {shares['secondary_0']:.2%} |\n" in body
+    assert f"| base | {shares['base']:.2%} |\n| secondary[0] | {shares['secondary_0']:.2%} |\n" in body
     assert "| 0 | " in body and "| other | " in body  # per-layer sparsity from the diagnostics
     assert body.endswith("| config.json | base |\n| tokenizer | base |\n| generation_config.json | base |\n"
                          "| chat template | none |\n")
@@ -96,6 +96,6 @@ def test_hub_inputs_keep_their_ids_and_revisions() -> None:
     assert head == {"base_model": ["org/base", "org/math", "./local"], "library_name": "transformers",
                     "tags": ["merge", "scf-pipeline", "linear"], "license": "mit"}
     assert f"| base | `org/base` | `{'a' * 40}` | `{'a' * 16}` |\n" in body
-    assert f"| secondary 1 | `./local` | (local) | `{'c' * 16}` |\n" in body
-    assert "| secondary 0 | 50.00% |\n| secondary 1 | 0.00% |\n| neither | 25.00% |\n" in body
+    assert f"| secondary[1] | `./local` | (local) | `{'c' * 16}` |\n" in body
+    assert "| secondary[0] | 50.00% |\n| secondary[1] | 0.00% |\n| neither | 25.00% |\n" in body
     assert "Paper: [Model soups (Wortsman et al., 2022)](https://arxiv.org/abs/2203.05482)\n" in body
