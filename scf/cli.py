@@ -115,6 +115,11 @@ def run_merge(args: argparse.Namespace) -> int:
     shares = ", ".join(f"{k} {v:.2%}" for k, v in totals["fraction_from"].items())
     print(f"merged {totals['n_tensors']} tensors ({totals['n_params']:,} params) with {report['method']} "
           f"into {args.out} in {report['timings']['total_seconds']:.1f}s; values from: {shares}")
+    vocab = report.get("vocabulary")
+    for name, rows in (vocab or {}).get("tensors", {}).items():
+        if rows["rows_copied"] or len(set(rows["rows_of"].values())) > 1:
+            print(f"{name}: {rows['rows']} rows, {rows['rows_merged']} merged, {rows['rows_copied']} copied "
+                  f"from {rows['copied_from'] or '-'} (tokenizer from {vocab['source']})")
     return 0
 
 

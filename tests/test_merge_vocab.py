@@ -109,7 +109,11 @@ def test_added_tokens_from_the_secondary(models: dict[str, Path], tmp_path: Path
             "--tokenizer-source", str(models["added"]), "--out", str(out), "--quiet"]
     argv += [f"--set={k}={json.dumps(v)}" for k, v in params.items()]
     argv += ["--reference", str(models["reference"])] if with_reference else []
-    assert run_scf(argv)[0] == 0
+    code, stdout, _ = run_scf(argv)
+    assert code == 0
+    assert stdout.splitlines()[1:] == [
+        f"{name}: 32002 rows, 32000 merged, 2 copied from secondary[0] (tokenizer from secondary[0])"
+        for name in (HEAD, EMBED)]
     merged, base, added = _load(out), _load(models["base"]), _load(models["added"])
     reference = _load(models["reference"]) if with_reference else None
     for name in (EMBED, HEAD):
