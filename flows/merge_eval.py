@@ -165,6 +165,7 @@ def plan_candidate(ctx: RunContext, candidate: Candidate) -> CandidatePlan:
         reference=reference.path if reference else None,
         method=candidate.method,
         params=candidate.params,
+        tokenizer_source=_tokenizer_source(config, ctx.sources),
         **config.merge.engine_settings(),
     )
     out = config.models_dir / cid
@@ -180,6 +181,15 @@ def plan_candidate(ctx: RunContext, candidate: Candidate) -> CandidatePlan:
     return CandidatePlan(
         candidate, cid, spec, out, steps.merge_key(cid), steps.eval_key(cid, config.eval), record
     )
+
+
+def _tokenizer_source(config: PipelineConfig, sources: dict[str, results_db.Source]) -> str | None:
+    """``merge.tokenizer_source`` as ``MergeSpec`` takes it: ``base``, ``union``, or the resolved path
+    of the source the config names."""
+    choice, role = config.merge.tokenizer_source, config.tokenizer_role()
+    if role is None or role == "base":  # unset, "union", or the base (as its role or its source)
+        return "base" if role == "base" else choice
+    return sources[role].path
 
 
 def plan_parents(ctx: RunContext) -> list[ParentPlan]:

@@ -13,7 +13,7 @@ from scf.yamlsafe import load_yaml
 
 # CLI flag -> MergeSpec field, for flags that override the YAML config when given.
 _FLAG_FIELDS = ("base", "secondary", "reference", "method", "device", "dtype", "seed", "shard_size",
-                "diagnostics", "diagnostic_layers", "allow_pickle")
+                "diagnostics", "diagnostic_layers", "allow_pickle", "tokenizer_source")
 _BOUND_SYMBOLS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
 
 
@@ -50,6 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="tensor-name glob to diagnose (repeatable; default: a few layers' attn/MLP)")
     merge.add_argument("--allow-pickle", dest="allow_pickle", action="store_true", default=None,
                        help="accept pickled .bin weights (loaded with torch.load(weights_only=True))")
+    merge.add_argument("--tokenizer-source", dest="tokenizer_source", metavar="base|union|MODEL",
+                       help="for inputs whose vocabularies differ: merge the rows every model has, take the "
+                            "other rows, tokenizer and generation config from base, the union, or that input")
     merge.add_argument("--overwrite", action="store_true",
                        help="replace --out if it is an earlier merge output (holds merge_report.json)")
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -112,6 +115,11 @@ def run_merge(args: argparse.Namespace) -> int:
     shares = ", ".join(f"{k} {v:.2%}" for k, v in totals["fraction_from"].items())
     print(f"merged {totals['n_tensors']} tensors ({totals['n_params']:,} params) with {report['method']} "
           f"into {args.out} in {report['timings']['total_seconds']:.1f}s; values from: {shares}")
+    vocab = report.get("vocabulary")
+    for name, rows in (vocab or {}).get("tensors", {}).items():
+        if rows["rows_copied"] or len(set(rows["rows_of"].values())) > 1:
+            print(f"{name}: {rows['rows']} rows, {rows['rows_merged']} merged, {rows['rows_copied']} copied "
+                  f"from {rows['copied_from'] or '-'} (tokenizer from {vocab['source']})")
     return 0
 
 

@@ -304,12 +304,12 @@ class Checkpoint:
         if self.kind != "safetensors":
             if meta.file not in self._handles:
                 self._handles[meta.file] = _load_pickle(meta.file)
-            return self._handles[meta.file][name]
+            return self._handles[meta.file][meta.name]
         try:
             # Opened per tensor: safe_open memory-maps the file, and a mapping kept open would
             # keep every page read so far resident (RSS growing to the model size).
             with safe_open(str(meta.file), framework="pt", device="cpu") as handle:
-                return handle.get_tensor(name)
+                return handle.get_tensor(meta.name)  # an alias (a tied LM head) reads its target
         except Exception as exc:  # safetensors raises its own error types
             reason = f"{type(exc).__name__}: {exc}"
             raise ScfError(f"{meta.file}: cannot read tensor {name!r} ({reason})") from None

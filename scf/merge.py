@@ -29,6 +29,7 @@ from tqdm import tqdm
 import scf
 from scf import diagnostics as diag
 from scf import faults
+from scf.card import CARD_NAME, model_card, shared_license
 from scf.errors import ScfError
 from scf.io import (
     BackgroundWriter,
@@ -47,6 +48,7 @@ from scf.outdir import REPORT_NAME, AtomicDir, check_not_an_input, check_output_
 from scf.rss import peak_rss_bytes
 from scf.sources import ResolvedSource, resolve_source
 from scf.spec import MergeSpec
+from scf.vocab import RowPlan, VocabPlan, is_vocab_tensor, plan_vocab, untie_heads, vocab_mismatch_error
 
 CONFIG_NAME = "merge_config.yaml"
 _CHUNK = 2**22  # elements per chunk when comparing fused values with the inputs (4 MB masks)
@@ -68,6 +70,7 @@ class MergePlan:
         device: the compute device.
         diagnosed: names of the matrices to diagnose (empty unless ``spec.diagnostics``).
         dest: the absolute output directory, checked safe to write.
+        vocab: which embedding rows are merged or copied, and the tokenizer's source (`scf.vocab`).
     """
 
     spec: MergeSpec
@@ -80,6 +83,7 @@ class MergePlan:
     device: torch.device
     diagnosed: set[str]
     dest: Path
+    vocab: VocabPlan
 
     @property
     def n_secondaries(self) -> int:
@@ -99,7 +103,8 @@ def merge(spec: MergeSpec, out: str | Path, *, overwrite: bool = False,
     Args:
         spec: what to merge and how.
         out: the output directory; it appears complete (safetensors shards + index, the base's
-            config and tokenizer files, ``merge_report.json``, ``merge_config.yaml``) or not at all.
+            config, the tokenizer source's tokenizer files, ``merge_report.json``, ``merge_config.yaml``
+            and a ``README.md`` model card) or not at all.
         overwrite: replace an existing ``out`` that is an earlier merge output.
         progress: show a progress bar (one step per tensor) on stderr.
 
@@ -123,11 +128,13 @@ def merge(spec: MergeSpec, out: str | Path, *, overwrite: bool = False,
         with AtomicDir(plan.dest, overwrite=overwrite) as tmp:
             faults.pause("before_first_shard")
             report = _execute(plan, tmp, progress)
-            _copy_aux_files(plan.checkpoints[0], tmp, plan.spec.dtype)
+            report["files_from"] = _copy_aux_files(plan, tmp)
             report["timings"]["total_seconds"] = time.perf_counter() - started
             report["peak_rss_bytes"] = peak_rss_bytes()
             write_text(tmp / REPORT_NAME, json.dumps(report, indent=2) + "\n")
             write_text(tmp / CONFIG_NAME, yaml.safe_dump(resolved_spec(plan), sort_keys=False))
+            license_id = shared_license([checkpoint.directory for checkpoint in plan.checkpoints])
+            write_text(tmp / CARD_NAME, model_card(report, plan.dest.name, license_id))
     finally:
         for checkpoint in plan.checkpoints:
             checkpoint.close()
@@ -158,6 +165,8 @@ def merge_fingerprint(spec: MergeSpec) -> str:
         "seed": spec.seed,
         "scf_version": scf.__version__,
     }
+    if spec.tokenizer_source is not None:  # only then: earlier merges keep their keys
+        key["tokenizer_source"] = spec.tokenizer_source
     return hashlib.sha256(json.dumps(key, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -193,9 +202,11 @@ def plan_merge(spec: MergeSpec, out: str | Path, *, overwrite: bool = False) -> 
         check_not_an_input(dest, {label: [source.path, *checkpoint.files] for label, source, checkpoint
                                   in zip(labels, sources, checkpoints, strict=True)})
         _check_architectures(checkpoints, labels)
-        _check_tensors(checkpoints, labels)
-        outputs = [OutputTensor(m.name, m.shape, _output_dtype(m.dtype, spec.dtype))
-                   for m in checkpoints[0].tensors.values()]
+        untied = untie_heads(checkpoints, labels)
+        _check_tensors(checkpoints, labels, spec.tokenizer_source)
+        vocab = plan_vocab(spec.tokenizer_source, checkpoints, sources, labels, untied)
+        outputs = [OutputTensor(name, _output_shape(name, m.shape, vocab), _output_dtype(m.dtype, spec.dtype))
+                   for name, m in checkpoints[0].tensors.items()]
         _check_memory(method, checkpoints, device)
         check_free_space(existing_ancestor(dest), sum(t.nbytes for t in outputs) + 2**20)
     except BaseException:
@@ -206,7 +217,14 @@ def plan_merge(spec: MergeSpec, out: str | Path, *, overwrite: bool = False) -> 
     if spec.diagnostics:
         shapes = {t.name: t.shape for t in outputs if t.dtype.is_floating_point}
         diagnosed = set(diag.select_matrices(shapes, spec.diagnostic_layers))
-    return MergePlan(spec, method, params, sources, labels, checkpoints, outputs, device, diagnosed, dest)
+    return MergePlan(spec, method, params, sources, labels, checkpoints, outputs, device, diagnosed, dest,
+                     vocab)
+
+
+def _output_shape(name: str, shape: tuple[int, ...], vocab: VocabPlan) -> tuple[int, ...]:
+    """The base's shape, with the planned row count for a vocabulary tensor."""
+    rows = vocab.tensors.get(name)
+    return shape if rows is None else (rows.rows, *shape[1:])
 
 
 def resolve_device(name: str) -> torch.device:
@@ -227,7 +245,11 @@ def tensor_seed(seed: int, name: str) -> int:
 def resolved_spec(plan: MergePlan) -> dict[str, Any]:
     """The spec that reproduces this merge: pinned inputs, parameters with defaults filled."""
     pinned = [s.pinned_ref() for s in plan.sources]
+    tokenizer_source = plan.spec.tokenizer_source
+    if tokenizer_source not in (None, "base", "union"):  # an input: pinned like the inputs
+        tokenizer_source = pinned[plan.vocab.source]
     resolved = plan.spec.model_copy(update={
+        "tokenizer_source": tokenizer_source,
         "base": pinned[0],
         "secondary": pinned[1: 1 + plan.n_secondaries],
         "reference": pinned[-1] if plan.has_reference else None,
@@ -276,10 +298,11 @@ def _dtype_kind(dtype: torch.dtype) -> str:
 _FLOAT8 = {torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 
 
-def _check_tensors(checkpoints: list[Checkpoint], labels: list[str]) -> None:
+def _check_tensors(checkpoints: list[Checkpoint], labels: list[str], tokenizer_source: str | None) -> None:
     """Every input must hold exactly the base's tensor names, with the base's shapes and dtype kinds
     (float, integer or bool: a float tensor merged with an integer one would be nonsense; float
-    precisions may differ), and no float8 tensor."""
+    precisions may differ), and no float8 tensor. An embedding or LM head may differ in its row count
+    (vocabulary size) only under a ``tokenizer_source`` policy."""
     for checkpoint, label in zip(checkpoints, labels, strict=True):
         for meta in checkpoint.tensors.values():
             if meta.dtype in _FLOAT8:
@@ -300,7 +323,11 @@ def _check_tensors(checkpoints: list[Checkpoint], labels: list[str]) -> None:
                                f"but not in {absent[0]} ({absent[1].root})")
         for name, meta in base.tensors.items():
             other = checkpoint.tensors[name]
-            if other.shape != meta.shape:
+            if other.shape != meta.shape and is_vocab_tensor(name, meta.shape) and \
+                    other.shape[1:] == meta.shape[1:]:
+                if tokenizer_source is None:
+                    raise vocab_mismatch_error(name, meta, other, label)
+            elif other.shape != meta.shape:
                 raise ScfError(f"tensor {name!r}: shape mismatch: base has {list(meta.shape)}, "
                                f"{label} has {list(other.shape)}")
             if _dtype_kind(other.dtype) != _dtype_kind(meta.dtype):
@@ -440,22 +467,53 @@ def _merge_tensor(plan: MergePlan, output: OutputTensor, tensors: list[torch.Ten
     else:
         inputs = [_to_device(t, name, label, plan) for t, label in zip(tensors, plan.labels, strict=True)]
         tensors.clear()  # the caller's list: drop the originals once moved (or upcast)
-        models = inputs[: 1 + plan.n_secondaries]
-        generator = torch.Generator(device=plan.device).manual_seed(tensor_seed(plan.spec.seed, name))
-        reference = inputs[-1] if plan.has_reference else None
-        method_inputs = TensorInputs(name, models[0], models[1:], reference, generator, workspace,
-                                     out_dtype=output.dtype)
-        fused = plan.method.fn(method_inputs, plan.params)
-        fused = _check_fused(fused, output, plan.spec.method)
-        fractions = fraction_from(fused, models)
-        if name in plan.diagnosed:  # None marks a matrix too large to diagnose cheaply
-            too_large = fused.numel() > diag.MAX_ELEMENTS
-            diagnostics[name] = None if too_large else diag.matrix_diagnostics(models[0].float(), fused)
-        del inputs, models
+        fused, fractions = _fuse(plan, output, inputs, workspace, diagnostics)
+        del inputs
     record = {"name": name, "shape": list(output.shape), "dtype": str(output.dtype).removeprefix("torch."),
               "fraction_from": fractions, "sparsity": fractions["base"],
               "seconds": time.perf_counter() - started}
     return fused, record
+
+
+def _fuse(plan: MergePlan, output: OutputTensor, inputs: list[torch.Tensor], workspace: Workspace,
+          diagnostics: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Run the method on one float tensor (a vocabulary tensor: on the rows every model has, so its
+    whole-tensor statistics see those rows only), check it, and measure where its values come from."""
+    name = output.name
+    rows = plan.vocab.tensors.get(name)
+    merged = inputs if rows is None else [t[: rows.common] for t in inputs]
+    target = output if rows is None else OutputTensor(name, (rows.common, *output.shape[1:]), output.dtype)
+    models = merged[: 1 + plan.n_secondaries]
+    generator = torch.Generator(device=plan.device).manual_seed(tensor_seed(plan.spec.seed, name))
+    reference = merged[-1] if plan.has_reference else None
+    method_inputs = TensorInputs(name, models[0], models[1:], reference, generator, workspace,
+                                 out_dtype=output.dtype)
+    fused = plan.method.fn(method_inputs, plan.params)
+    fused = _check_fused(fused, target, plan.spec.method)
+    fractions = fraction_from(fused, models)
+    if name in plan.diagnosed:  # None marks a matrix too large to diagnose cheaply
+        too_large = fused.numel() > diag.MAX_ELEMENTS
+        diagnostics[name] = None if too_large else diag.matrix_diagnostics(models[0].float(), fused)
+    if rows is not None and rows.rows > rows.common:
+        fused, fractions = _add_copied_rows(plan, output, rows, fused, fractions, inputs[rows.source])
+    return fused, fractions
+
+
+def _add_copied_rows(plan: MergePlan, output: OutputTensor, rows: RowPlan, fused: torch.Tensor,
+                     fractions: dict[str, float],
+                     source: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """The merged rows followed by the source's rows ``[common, rows)``, copied exactly (rounded only
+    when the output dtype is narrower), and the fractions with those rows credited to the source."""
+    whole = torch.empty(output.shape, dtype=output.dtype, device=fused.device)
+    whole[: rows.common] = fused
+    whole[rows.common:] = source[rows.common: rows.rows]
+    whole = _check_fused(whole, output, plan.spec.method)
+    share = rows.common / rows.rows
+    key = "base" if rows.source == 0 else (
+        f"secondary_{rows.source - 1}" if rows.source <= plan.n_secondaries else "neither")  # the reference
+    fractions = {k: v * share for k, v in fractions.items()}
+    fractions[key] += 1 - share
+    return whole, fractions
 
 
 def _to_device(tensor: torch.Tensor, name: str, label: str, plan: MergePlan) -> torch.Tensor:
@@ -569,6 +627,8 @@ def _report(plan: MergePlan, records: list[dict[str, Any]], timings: dict[str, f
         "timings": {"total_seconds": 0.0, **timings},
         "peak_rss_bytes": 0,
     }
+    if plan.vocab.policy is not None or plan.vocab.untied:
+        report["vocabulary"] = plan.vocab.report(plan.labels)
     if plan.spec.diagnostics:
         report["diagnostics"] = {
             "top_k": diag.DEFAULT_TOP_K,
@@ -581,13 +641,69 @@ def _report(plan: MergePlan, records: list[dict[str, Any]], timings: dict[str, f
     return report
 
 
-def _copy_aux_files(base: Checkpoint, out_dir: Path, dtype: str) -> None:
-    """Copy the base's config and tokenizer files; config.json's dtype follows an explicit ``--dtype``."""
+_NOT_TOKENIZER = ("config.json", "generation_config.json")
+_CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+
+
+def _copy_aux_files(plan: MergePlan, out_dir: Path) -> dict[str, Any]:
+    """Write config.json (the base's; see `_output_config`), the tokenizer files and the chat template
+    (from the tokenizer source: the base unless ``tokenizer_source`` names another input) and
+    generation_config.json (the source's, else the base's); returns where each came from."""
+    base, source = plan.checkpoints[0], plan.checkpoints[plan.vocab.source]
+    source_label = plan.labels[plan.vocab.source]
     for path in base.aux_files():
-        if path.name == "config.json" and dtype != "auto":
-            config = base.config()  # a JSON object: checked when the merge was planned
-            keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
-            config |= dict.fromkeys(keys, dtype)
-            write_text(out_dir / path.name, json.dumps(config, indent=2) + "\n")
-        else:
-            copy_file(path, out_dir / path.name)
+        if path.name == "config.json":
+            config = _output_config(plan)
+            if config is None:
+                copy_file(path, out_dir / path.name)
+            else:
+                write_text(out_dir / path.name, json.dumps(config, indent=2) + "\n")
+    tokenizer_files = [p for p in source.aux_files() if p.name not in _NOT_TOKENIZER]
+    for path in tokenizer_files:
+        copy_file(path, out_dir / path.name)
+    generation = {label: path for label, checkpoint in ((source_label, source), ("base", base))
+                  for path in checkpoint.aux_files() if path.name == "generation_config.json"}
+    generation_from = next(iter(generation), None)
+    if generation_from is not None:
+        copy_file(generation[generation_from], out_dir / "generation_config.json")
+    return {"config": "base" if base.config() is not None else None,
+            "tokenizer": source_label if tokenizer_files else None,
+            "generation_config": generation_from,
+            "chat_template": _chat_template_origin(out_dir, source_label)}
+
+
+def _chat_template_origin(out_dir: Path, source_label: str) -> dict[str, str] | None:
+    """``{from, file}`` of the output's chat template (a file of its own or tokenizer_config.json's key)."""
+    for name in _CHAT_TEMPLATE_FILES:
+        if (out_dir / name).is_file():
+            return {"from": source_label, "file": name}
+    tokenizer_config = out_dir / "tokenizer_config.json"
+    try:
+        has_template = "chat_template" in json.loads(tokenizer_config.read_text())
+    except (OSError, ValueError, TypeError):
+        has_template = False
+    return {"from": source_label, "file": tokenizer_config.name} if has_template else None
+
+
+def _output_config(plan: MergePlan) -> dict[str, Any] | None:
+    """The base's config.json with what this merge changed, or None when nothing changed (copied as is):
+    the dtype of an explicit ``--dtype``, ``vocab_size`` (the output's rows), ``tie_word_embeddings``
+    (false once an LM head is written for a tied base) and the special token ids of the tokenizer source."""
+    config = plan.checkpoints[0].config()  # a JSON object: checked when the merge was planned
+    if config is None:
+        return None
+    updates: dict[str, Any] = {}
+    if plan.spec.dtype != "auto":
+        keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
+        updates |= dict.fromkeys(keys, plan.spec.dtype)
+    rows = next((r.rows for n, r in plan.vocab.tensors.items() if n != "lm_head.weight"),
+                next((r.rows for r in plan.vocab.tensors.values()), None))
+    if rows is not None and config.get("vocab_size") != rows:
+        updates["vocab_size"] = rows
+    if "base" in plan.vocab.untied and config.get("tie_word_embeddings"):
+        updates["tie_word_embeddings"] = False
+    if plan.vocab.source != 0:
+        source_config = plan.checkpoints[plan.vocab.source].config() or {}
+        updates |= {k: source_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                    if k in source_config and source_config[k] != config.get(k)}
+    return config | updates if updates else None

@@ -19,7 +19,8 @@ from scf.errors import ScfError, one_line
 from scf.io import CONFIG_AND_TOKENIZER_PATTERNS, open_checkpoint
 
 # What a merge needs from a hub repo: weights, index, config and tokenizer files, nothing else.
-HUB_PATTERNS = ["*.safetensors", "model.safetensors.index.json", *CONFIG_AND_TOKENIZER_PATTERNS]
+# README.md: the input's model card, read for its license (scf.card)
+HUB_PATTERNS = ["*.safetensors", "model.safetensors.index.json", *CONFIG_AND_TOKENIZER_PATTERNS, "README.md"]
 HUB_PICKLE_PATTERNS = ["*.bin", "pytorch_model.bin.index.json"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _log = logging.getLogger(__name__)

@@ -101,6 +101,11 @@ class MergeSpec(EngineSettings):
         diagnostic_layers: glob patterns of 2-D tensor names to diagnose; empty picks a few
             evenly spaced layers' attention and MLP weights.
         allow_pickle: accept pickled ``.bin`` weights (loaded with ``weights_only=True``).
+        tokenizer_source: mergekit's key for inputs whose vocabularies differ: ``base``, ``union``
+            (only when one vocabulary extends the others) or an input as written (or its path). The
+            embedding and LM head are merged over the rows every model has; the other rows, the
+            tokenizer files and the generation config come from that input. None: mismatched
+            vocabularies are an error.
     """
 
     base: str
@@ -111,6 +116,7 @@ class MergeSpec(EngineSettings):
     diagnostics: bool = False
     diagnostic_layers: list[str] = []
     allow_pickle: bool = False
+    tokenizer_source: str | None = None
 
 
 def spec_from_mapping(data: Mapping[str, Any], origin: str) -> MergeSpec:

@@ -73,6 +73,10 @@ class Sources(BaseModel):
         """Role -> ref of the models candidates are compared with: base and secondaries."""
         return {"base": self.base, **{f"secondary_{i}": ref for i, ref in enumerate(self.secondary)}}
 
+    def roles(self) -> dict[str, str]:
+        """Role -> ref of every source: the parents, then the reference when there is one."""
+        return {**self.parents(), **({"reference": self.reference} if self.reference else {})}
+
 
 class CandidateGrid(BaseModel):
     """One method with fixed ``params`` and a ``grid`` of values to sweep (cartesian product).
@@ -104,13 +108,18 @@ class MergeSettings(EngineSettings):
     Attributes:
         timeout_s: a merge still running after this many seconds is killed and its candidate
             recorded ``failed`` (default 6 h: a 70B merge on a slow disk takes about one).
+        tokenizer_source: when the parents' vocabularies differ: ``base``, ``union``, or a source
+            role (``secondary_0``, ``reference``) or a source as written under ``sources:``, whose
+            tokenizer the merged model gets (``scf merge --tokenizer-source``; docs/merging.md).
     """
 
     timeout_s: float = Field(6 * 3600, gt=0)
+    tokenizer_source: str | None = Field(None, min_length=1)
 
     def engine_settings(self) -> dict[str, Any]:
-        """The fields a ``MergeSpec`` takes (everything but the pipeline's timeout)."""
-        return self.model_dump(exclude={"timeout_s"})
+        """The fields a ``MergeSpec`` takes from here (not the pipeline's timeout, nor the tokenizer
+        source, which names a role the flow resolves to a path)."""
+        return self.model_dump(exclude={"timeout_s", "tokenizer_source"})
 
 
 class RacingSettings(BaseModel):
@@ -254,6 +263,23 @@ class PipelineConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _tokenizer_source_names_a_source(self) -> PipelineConfig:
+        choice = self.merge.tokenizer_source
+        if choice is not None and self.tokenizer_role() is None and choice != "union":
+            roles = ", ".join(dict.fromkeys(["base", "union", *self.sources.roles()]))
+            raise ValueError(f"merge.tokenizer_source: {choice!r} is none of {roles} "
+                             "nor a source as written under sources:")
+        return self
+
+    def tokenizer_role(self) -> str | None:
+        """The source role ``merge.tokenizer_source`` names (``base``, ``secondary_0``, ...), if any."""
+        choice = self.merge.tokenizer_source
+        refs = self.sources.roles()
+        if choice in refs:
+            return choice
+        return next((role for role, ref in refs.items() if ref == choice), None)
+
+    @model_validator(mode="after")
     def _validate_candidates(self) -> PipelineConfig:
         # Validate every grid point now (not in the middle of a nightly run). ScfError names the key.
         for index, entry in enumerate(self.candidates):
@@ -359,6 +385,8 @@ def candidate_id(fingerprints: dict[str, str], candidate: Candidate, merge: Merg
         "dtype": merge.dtype,
         "seed": merge.seed,
     }
+    if merge.tokenizer_source is not None:  # absent otherwise: existing ids stay the same
+        key["tokenizer_source"] = merge.tokenizer_source
     return content_hash(key)[:16]
 
 

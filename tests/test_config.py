@@ -169,3 +169,26 @@ def test_scf_results_needs_a_config_or_a_database(capsys: pytest.CaptureFixture[
 
     assert main(["results"]) == 2
     assert "error: scf results needs --config" in capsys.readouterr().err
+
+
+def test_tokenizer_source_names_a_source_and_changes_the_candidate_id(tmp_path: Path) -> None:
+    from flows.merge_eval import _tokenizer_source
+    from tasks.results_db import Source
+
+    sources = {"base": "zoo:base", "secondary": ["zoo:math"], "reference": "hub:org/ancestor"}
+    resolved = {role: Source(role=role, ref=ref, revision=None, path=f"/models/{role}", fingerprint=role)
+                for role, ref in {"base": "zoo:base", "secondary_0": "zoo:math",
+                                  "reference": "hub:org/ancestor"}.items()}
+    expected = {"base": "base", "zoo:base": "base", "union": "union", "secondary_0": "/models/secondary_0",
+                "zoo:math": "/models/secondary_0", "hub:org/ancestor": "/models/reference"}
+    for choice, spec_value in expected.items():
+        config = load_config(_write(tmp_path, sources=sources, merge={"tokenizer_source": choice}))
+        assert _tokenizer_source(config, resolved) == spec_value, choice
+    assert _tokenizer_source(load_config(_write(tmp_path, sources=sources)), resolved) is None
+    assert _error(tmp_path, sources=sources, merge={"tokenizer_source": "math"}) == (
+        f"{tmp_path / 'pipeline.yaml'}: invalid config: merge.tokenizer_source: 'math' is none of base, "
+        "union, secondary_0, reference nor a source as written under sources:"
+    )
+    candidate, fingerprints = Candidate(method="linear", params={"weight": 0.5}), {"base": "a" * 64}
+    assert candidate_id(fingerprints, candidate, MergeSettings()) != candidate_id(
+        fingerprints, candidate, MergeSettings(tokenizer_source="base"))

@@ -101,6 +101,7 @@ def _odd_names(root: Path, out: Path) -> None:
     merged = _outputs(out)
     assert torch.equal(merged["../../evil"], torch.full((2,), 2.0)) and set(merged) >= {"a/b", "/abs/path"}
     assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
         "merge_config.yaml",
         "merge_report.json",
         "model.safetensors",
