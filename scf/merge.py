@@ -43,6 +43,15 @@ from scf.io import (
 from scf.memory import check_working_memory
 from scf.methods.base import TensorInputs, Workspace
 from scf.methods.registry import MethodSpec, get_method, validate_params
+from scf.methods.resolve import (
+    ParamResolver,
+    before_layers,
+    compose_params,
+    layer_index,
+    renumber,
+    slice_position,
+    tensor_position,
+)
 from scf.outdir import REPORT_NAME, AtomicDir, check_not_an_input, check_output_dir, existing_ancestor
 from scf.rss import peak_rss_bytes
 from scf.sources import ResolvedSource, resolve_source
@@ -60,7 +69,8 @@ class MergePlan:
     Attributes:
         spec: the user's spec.
         method: the method's registry entry.
-        params: its validated parameters (defaults filled).
+        params: its validated parameters (defaults filled) for the first tensor; per-tensor forms
+            give each tensor its own (``tensor_params``).
         sources: resolved inputs, ``[base, *secondaries]`` then the reference if any.
         labels: ``base``, ``secondary[i]``, ``reference`` for each source (for messages).
         checkpoints: the opened inputs, same order as ``sources``.
@@ -68,6 +78,12 @@ class MergePlan:
         device: the compute device.
         diagnosed: names of the matrices to diagnose (empty unless ``spec.diagnostics``).
         dest: the absolute output directory, checked safe to write.
+        tensor_params: each output tensor's validated parameters.
+        loads: each output tensor's inputs as ``(index into checkpoints, input tensor name)``; the
+            same name from every input, except for passthrough's slices.
+        described_params: the parameters as reports and the reproducing config show them.
+        warnings: notes for the report (e.g. from translating a mergekit config).
+        config_updates: keys changed in the output's config.json (passthrough: num_hidden_layers).
     """
 
     spec: MergeSpec
@@ -80,6 +96,16 @@ class MergePlan:
     device: torch.device
     diagnosed: set[str]
     dest: Path
+    tensor_params: dict[str, BaseModel]
+    loads: dict[str, list[tuple[int, str]]]
+    described_params: dict[str, Any]
+    warnings: list[str]
+    config_updates: dict[str, Any]
+
+    @property
+    def passthrough(self) -> bool:
+        """Whether each output tensor is one input tensor, copied (possibly scaled)."""
+        return self.method.name == "passthrough"
 
     @property
     def n_secondaries(self) -> int:
@@ -93,7 +119,7 @@ class MergePlan:
 
 
 def merge(spec: MergeSpec, out: str | Path, *, overwrite: bool = False,
-          progress: bool = True) -> dict[str, Any]:
+          progress: bool = True, warnings: list[str] | None = None) -> dict[str, Any]:
     """Merge the spec's models into ``out``, atomically.
 
     Args:
@@ -102,6 +128,8 @@ def merge(spec: MergeSpec, out: str | Path, *, overwrite: bool = False,
             config and tokenizer files, ``merge_report.json``, ``merge_config.yaml``) or not at all.
         overwrite: replace an existing ``out`` that is an earlier merge output.
         progress: show a progress bar (one step per tensor) on stderr.
+        warnings: notes to record under the report's ``warnings`` (e.g. how a mergekit config's
+            method differs from ours).
 
     Returns:
         The merge report (also written to ``out/merge_report.json``).
@@ -119,11 +147,12 @@ def merge(spec: MergeSpec, out: str | Path, *, overwrite: bool = False,
     """
     started = time.perf_counter()
     plan = plan_merge(spec, out, overwrite=overwrite)
+    plan.warnings = list(warnings or [])
     try:
         with AtomicDir(plan.dest, overwrite=overwrite) as tmp:
             faults.pause("before_first_shard")
             report = _execute(plan, tmp, progress)
-            _copy_aux_files(plan.checkpoints[0], tmp, plan.spec.dtype)
+            _copy_aux_files(plan.checkpoints[0], tmp, plan.spec.dtype, plan.config_updates)
             report["timings"]["total_seconds"] = time.perf_counter() - started
             report["peak_rss_bytes"] = peak_rss_bytes()
             write_text(tmp / REPORT_NAME, json.dumps(report, indent=2) + "\n")
@@ -147,11 +176,12 @@ def merge_fingerprint(spec: MergeSpec) -> str:
     Returns:
         A hex sha256.
     """
-    params = validate_params(spec.method, spec.params, 1 + len(spec.secondary))
+    params = _fingerprint_params(spec)
     sources = _resolve_all(spec)
     key = {
         "method": spec.method,
-        "params": params.model_dump(mode="json"),
+        "params": params,
+        "slices": [s.model_dump(mode="json") for s in spec.slices],
         "inputs": [source.fingerprint for source in sources],
         "has_reference": spec.reference is not None,
         "dtype": spec.dtype,
@@ -159,6 +189,12 @@ def merge_fingerprint(spec: MergeSpec) -> str:
         "scf_version": scf.__version__,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _fingerprint_params(spec: MergeSpec) -> Any:
+    """The parameters with defaults filled (plain values) or as written (per-tensor forms)."""
+    resolver = ParamResolver(spec.method, spec.params, _n_models(spec))
+    return resolver.uniform.model_dump(mode="json") if resolver.uniform is not None else spec.params
 
 
 def plan_merge(spec: MergeSpec, out: str | Path, *, overwrite: bool = False) -> MergePlan:
@@ -179,7 +215,8 @@ def plan_merge(spec: MergeSpec, out: str | Path, *, overwrite: bool = False) -> 
     if method.needs_reference and spec.reference is None:
         raise ScfError(f"method {spec.method!r} works on task vectors (model - reference) and needs a "
                        f"reference model (the common ancestor, mergekit's base_model): pass --reference")
-    params = validate_params(spec.method, spec.params, 1 + len(spec.secondary))
+    _check_inputs_for_method(spec)
+    resolver = ParamResolver(spec.method, spec.params, _n_models(spec))
     local_inputs = {label: [Path(ref).expanduser()] for label, ref in _labelled_refs(spec)
                     if Path(ref).expanduser().exists()}
     dest = check_output_dir(out, overwrite=overwrite, inputs=local_inputs)  # before any download
@@ -193,9 +230,12 @@ def plan_merge(spec: MergeSpec, out: str | Path, *, overwrite: bool = False) -> 
         check_not_an_input(dest, {label: [source.path, *checkpoint.files] for label, source, checkpoint
                                   in zip(labels, sources, checkpoints, strict=True)})
         _check_architectures(checkpoints, labels)
-        _check_tensors(checkpoints, labels)
-        outputs = [OutputTensor(m.name, m.shape, _output_dtype(m.dtype, spec.dtype))
-                   for m in checkpoints[0].tensors.values()]
+        if spec.slices:
+            layout = _slice_layout(spec, checkpoints, labels, resolver)
+        else:
+            _check_tensors(checkpoints, labels)
+            layout = _whole_model_layout(checkpoints, resolver, spec.dtype)
+        outputs, loads, tensor_params, config_updates = layout
         _check_memory(method, checkpoints, device)
         check_free_space(existing_ancestor(dest), sum(t.nbytes for t in outputs) + 2**20)
     except BaseException:
@@ -206,7 +246,113 @@ def plan_merge(spec: MergeSpec, out: str | Path, *, overwrite: bool = False) -> 
     if spec.diagnostics:
         shapes = {t.name: t.shape for t in outputs if t.dtype.is_floating_point}
         diagnosed = set(diag.select_matrices(shapes, spec.diagnostic_layers))
-    return MergePlan(spec, method, params, sources, labels, checkpoints, outputs, device, diagnosed, dest)
+    first = tensor_params[outputs[0].name] if outputs else validate_params(spec.method, {}, _n_models(spec))
+    described = _describe_params(spec, resolver, first)
+    return MergePlan(spec, method, first, sources, labels, checkpoints, outputs, device, diagnosed, dest,
+                     tensor_params, loads, described, [], config_updates)
+
+
+_Layout = tuple[list[OutputTensor], dict[str, list[tuple[int, str]]], dict[str, BaseModel], dict[str, Any]]
+
+
+def _n_models(spec: MergeSpec) -> int:
+    """Contributing models per tensor: passthrough's is one (its slices' inputs take turns)."""
+    return 1 if spec.method == "passthrough" else 1 + len(spec.secondary)
+
+
+def _check_inputs_for_method(spec: MergeSpec) -> None:
+    """What only some methods accept: a tokenizer source, passthrough's inputs."""
+    if spec.tokenizer_source not in (None, "base"):
+        raise ScfError(f"tokenizer_source: {spec.tokenizer_source!r} is not supported yet; only 'base' "
+                       f"(the base's tokenizer files, the default)")
+    if spec.method == "passthrough" and spec.secondary and not spec.slices:
+        raise ScfError("method 'passthrough' copies one model: without slices it takes only the base "
+                       f"(got {len(spec.secondary)} secondaries); give slices to stack layers of several")
+    if spec.method == "passthrough" and spec.reference is not None:
+        raise ScfError("method 'passthrough' takes no reference")
+
+
+def _layer_count(checkpoint: Checkpoint) -> int:
+    """config.json's num_hidden_layers, else one more than the largest layer number in the names."""
+    config = checkpoint.config() or {}
+    count = config.get("num_hidden_layers")
+    if isinstance(count, int) and not isinstance(count, bool) and count > 0:
+        return count
+    indices = [layer_index(name) for name in checkpoint.tensors]
+    return max((i for i in indices if i is not None), default=0) + 1
+
+
+def _whole_model_layout(checkpoints: list[Checkpoint], resolver: ParamResolver, dtype: str) -> _Layout:
+    """Every base tensor, from the same name of every input, with its parameters."""
+    n_layers = _layer_count(checkpoints[0])
+    outputs, loads, tensor_params = [], {}, {}
+    for meta in checkpoints[0].tensors.values():
+        outputs.append(OutputTensor(meta.name, meta.shape, _output_dtype(meta.dtype, dtype)))
+        loads[meta.name] = [(i, meta.name) for i in range(len(checkpoints))]
+        tensor_params[meta.name] = resolver.for_tensor(meta.name, tensor_position(meta.name, n_layers))
+    return outputs, loads, tensor_params, {}
+
+
+def _slice_layout(spec: MergeSpec, checkpoints: list[Checkpoint], labels: list[str],
+                  resolver: ParamResolver) -> _Layout:
+    """passthrough's stacked layers: the first slice's embeddings, each slice's layers renumbered
+    from 0 in order, the last slice's final norm and LM head (mergekit's layout).
+
+    Each slice's parameters come before the spec's; a layer's position for gradients is its place
+    in its slice, the embeddings' 0 and the head's 1, and filters see the input tensor's name (all
+    as mergekit evaluates a per-model parameter).
+    """
+    index_of: dict[str, int] = {}
+    for i, ref in enumerate([spec.base, *spec.secondary]):
+        index_of.setdefault(ref, i)
+    resolvers = [ParamResolver(spec.method, compose_params(s.params, resolver.params), 1)
+                 for s in spec.slices]
+    outputs: list[OutputTensor] = []
+    loads: dict[str, list[tuple[int, str]]] = {}
+    tensor_params: dict[str, BaseModel] = {}
+
+    def add(out_name: str, source: int, in_name: str, slice_resolver: ParamResolver, t: float) -> None:
+        meta = checkpoints[source].tensors[in_name]
+        outputs.append(OutputTensor(out_name, meta.shape, _output_dtype(meta.dtype, spec.dtype)))
+        loads[out_name] = [(source, in_name)]
+        tensor_params[out_name] = slice_resolver.for_tensor(in_name, t)
+
+    first, last = index_of[spec.slices[0].model], index_of[spec.slices[-1].model]
+    for name in checkpoints[first].tensors:
+        if layer_index(name) is None and before_layers(name):
+            add(name, first, name, resolvers[0], 0.0)
+    out_layer = 0
+    for i, (layer_slice, slice_resolver) in enumerate(zip(spec.slices, resolvers, strict=True)):
+        source = index_of[layer_slice.model]
+        by_layer: dict[int, list[str]] = {}
+        for name in checkpoints[source].tensors:
+            index = layer_index(name)
+            if index is not None:
+                by_layer.setdefault(index, []).append(name)
+        n_layers = _layer_count(checkpoints[source])
+        start, end = layer_slice.layer_range
+        if end > n_layers:
+            raise ScfError(f"slices.{i}.layer_range: [{start}, {end}] goes beyond the {n_layers} layers of "
+                           f"{labels[source]} ({layer_slice.model})")
+        for offset, layer in enumerate(range(start, end)):
+            if layer not in by_layer:
+                raise ScfError(f"slices.{i}: {labels[source]} ({layer_slice.model}) has no tensors of "
+                               f"layer {layer}")
+            t = slice_position(offset, end - start)
+            for name in by_layer[layer]:
+                add(renumber(name, out_layer), source, name, slice_resolver, t)
+            out_layer += 1
+    for name in checkpoints[last].tensors:
+        if layer_index(name) is None and not before_layers(name):
+            add(name, last, name, resolvers[-1], 1.0)
+    return outputs, loads, tensor_params, {"num_hidden_layers": out_layer}
+
+
+def _describe_params(spec: MergeSpec, resolver: ParamResolver, first: BaseModel) -> dict[str, Any]:
+    """Parameters for the report: defaults filled, per-tensor forms as written."""
+    if resolver.uniform is not None:
+        return resolver.uniform.model_dump(mode="json")
+    return resolver.describe(first)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -227,11 +373,13 @@ def tensor_seed(seed: int, name: str) -> int:
 def resolved_spec(plan: MergePlan) -> dict[str, Any]:
     """The spec that reproduces this merge: pinned inputs, parameters with defaults filled."""
     pinned = [s.pinned_ref() for s in plan.sources]
+    refs = [plan.spec.base, *plan.spec.secondary]
     resolved = plan.spec.model_copy(update={
         "base": pinned[0],
         "secondary": pinned[1: 1 + plan.n_secondaries],
         "reference": pinned[-1] if plan.has_reference else None,
-        "params": plan.params.model_dump(mode="json"),
+        "params": plan.described_params,
+        "slices": [s.model_copy(update={"model": pinned[refs.index(s.model)]}) for s in plan.spec.slices],
     }).model_dump(mode="json")
     first = ("base", "secondary", "reference", "method", "params")  # inputs first, for the reader
     return {key: resolved[key] for key in first} | resolved
@@ -344,38 +492,39 @@ class _Prefetcher:
     processes, drops its references, then calls `release`.
     """
 
-    def __init__(self, checkpoints: list[Checkpoint], names: list[str]) -> None:
+    def __init__(self, checkpoints: list[Checkpoint], loads: list[list[tuple[int, str]]]) -> None:
         self.read_seconds = 0.0
-        sizes = [sum(c.tensors[n].nbytes for c in checkpoints) for n in names]
+        sizes = [sum(checkpoints[i].tensors[n].nbytes for i, n in load) for load in loads]
         self._budget = max(sizes, default=0)
         self._alive: deque[int] = deque()  # bytes of each set read and not yet released
         self._cond = threading.Condition()
         self._stopped = False
         self._items: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._run, args=(checkpoints, names, sizes), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(checkpoints, loads, sizes), daemon=True)
         self._thread.start()
 
     def _may_read(self, size: int) -> bool:
         alive = sum(self._alive)
         return self._stopped or not self._alive or (len(self._alive) < 2 and alive + size <= self._budget)
 
-    def _run(self, checkpoints: list[Checkpoint], names: list[str], sizes: list[int]) -> None:
+    def _run(self, checkpoints: list[Checkpoint], loads: list[list[tuple[int, str]]],
+             sizes: list[int]) -> None:
         try:
-            for name, size in zip(names, sizes, strict=True):
+            for load, size in zip(loads, sizes, strict=True):
                 with self._cond:
                     self._cond.wait_for(lambda size=size: self._may_read(size))
                     if self._stopped:
                         return
                     self._alive.append(size)
                 started = time.perf_counter()
-                tensors = [checkpoint.load(name) for checkpoint in checkpoints]
+                tensors = [checkpoints[i].load(name) for i, name in load]
                 self.read_seconds += time.perf_counter() - started
-                self._items.put((name, tensors))
+                self._items.put(tensors)
         except BaseException as exc:  # handed to the consumer, raised there
             self._items.put(exc)
 
-    def get(self) -> tuple[str, list[torch.Tensor]]:
-        """The next (name, [tensor of each input]) in order; re-raises a reader error."""
+    def get(self) -> list[torch.Tensor]:
+        """The next tensor set (one tensor per load) in order; re-raises a reader error."""
         item = self._items.get()
         if isinstance(item, BaseException):
             raise item
@@ -399,8 +548,7 @@ def _execute(plan: MergePlan, out_dir: Path, progress: bool) -> dict[str, Any]:
     """Fuse every tensor into ``out_dir`` and return the report (without total time and RSS)."""
     metadata = {"scf_method": plan.spec.method, "scf_version": scf.__version__}
     writer = BackgroundWriter(ShardedWriter(out_dir, plan.outputs, plan.spec.shard_size_bytes, metadata))
-    names = [t.name for t in plan.outputs]
-    reader = _Prefetcher(plan.checkpoints, names)
+    reader = _Prefetcher(plan.checkpoints, [plan.loads[t.name] for t in plan.outputs])
     records: list[dict[str, Any]] = []
     timings = {"read_seconds": 0.0, "compute_seconds": 0.0, "write_seconds": 0.0}
     diagnostics: dict[str, dict[str, float] | None] = {}
@@ -408,12 +556,12 @@ def _execute(plan: MergePlan, out_dir: Path, progress: bool) -> dict[str, Any]:
     try:
         bar = tqdm(plan.outputs, desc=f"merge {plan.spec.method}", unit="tensor", disable=not progress)
         for output in bar:
-            name, tensors = reader.get()
+            tensors = reader.get()
             fused, record = _merge_tensor(plan, output, tensors, workspace, diagnostics)
             del tensors
             reader.release()
             timings["compute_seconds"] += record["seconds"]
-            writer.write(name, fused)  # written by a thread while the next tensor is computed
+            writer.write(output.name, fused)  # written by a thread while the next tensor is computed
             del fused
             records.append(record)
         writer.finish()
@@ -433,21 +581,27 @@ def _merge_tensor(plan: MergePlan, output: OutputTensor, tensors: list[torch.Ten
     """Fuse, check and measure one tensor; returns it (output dtype) and its report entry."""
     started = time.perf_counter()
     name = output.name
-    if not tensors[0].dtype.is_floating_point:  # integer buffers: keep the base's
+    loads = plan.loads[name]
+    params = plan.tensor_params[name]
+    keys = ["base", *(f"secondary_{i}" for i in range(plan.n_secondaries))]
+    if not tensors[0].dtype.is_floating_point:  # integer buffers: keep the (first) input's
         fused = tensors[0]
-        untouched = {f"secondary_{i}": 0.0 for i in range(plan.n_secondaries)}
-        fractions = {"base": 1.0, **untouched, "neither": 0.0}
+        fractions = {**dict.fromkeys(keys, 0.0), keys[loads[0][0]]: 1.0, "neither": 0.0}
     else:
-        inputs = [_to_device(t, name, label, plan) for t, label in zip(tensors, plan.labels, strict=True)]
+        inputs = [_to_device(t, in_name, plan.labels[i], plan)
+                  for t, (i, in_name) in zip(tensors, loads, strict=True)]
         tensors.clear()  # the caller's list: drop the originals once moved (or upcast)
-        models = inputs[: 1 + plan.n_secondaries]
+        models = inputs[: len(inputs) if plan.passthrough else 1 + plan.n_secondaries]
         generator = torch.Generator(device=plan.device).manual_seed(tensor_seed(plan.spec.seed, name))
         reference = inputs[-1] if plan.has_reference else None
         method_inputs = TensorInputs(name, models[0], models[1:], reference, generator, workspace,
                                      out_dtype=output.dtype)
-        fused = plan.method.fn(method_inputs, plan.params)
+        fused = plan.method.fn(method_inputs, params)
         fused = _check_fused(fused, output, plan.spec.method)
         fractions = fraction_from(fused, models)
+        if plan.passthrough:  # one input per tensor: its share goes to that input's key
+            fractions = {**dict.fromkeys(keys, 0.0), keys[loads[0][0]]: fractions["base"],
+                         "neither": fractions["neither"]}
         if name in plan.diagnosed:  # None marks a matrix too large to diagnose cheaply
             too_large = fused.numel() > diag.MAX_ELEMENTS
             diagnostics[name] = None if too_large else diag.matrix_diagnostics(models[0].float(), fused)
@@ -455,6 +609,10 @@ def _merge_tensor(plan: MergePlan, output: OutputTensor, tensors: list[torch.Ten
     record = {"name": name, "shape": list(output.shape), "dtype": str(output.dtype).removeprefix("torch."),
               "fraction_from": fractions, "sparsity": fractions["base"],
               "seconds": time.perf_counter() - started}
+    if plan.passthrough and loads[0][1] != name:
+        record["source"] = {"model": plan.labels[loads[0][0]], "tensor": loads[0][1]}
+    if plan.described_params != plan.params.model_dump(mode="json") or plan.spec.slices:
+        record["params"] = params.model_dump(mode="json")  # per-tensor forms: what this tensor got
     return fused, record
 
 
@@ -553,7 +711,7 @@ def _report(plan: MergePlan, records: list[dict[str, Any]], timings: dict[str, f
     dtypes = {r["dtype"] for r in records}
     report: dict[str, Any] = {
         "method": plan.spec.method,
-        "params": plan.params.model_dump(mode="json"),
+        "params": plan.described_params,
         "inputs": {
             "base": plan.sources[0].as_report(),
             "secondaries": [s.as_report() for s in plan.sources[1: 1 + plan.n_secondaries]],
@@ -568,7 +726,10 @@ def _report(plan: MergePlan, records: list[dict[str, Any]], timings: dict[str, f
         "tensors": records,
         "timings": {"total_seconds": 0.0, **timings},
         "peak_rss_bytes": 0,
+        "warnings": plan.warnings,
     }
+    if plan.spec.slices:
+        report["slices"] = [s.model_dump(mode="json") for s in plan.spec.slices]
     if plan.spec.diagnostics:
         report["diagnostics"] = {
             "top_k": diag.DEFAULT_TOP_K,
@@ -581,13 +742,15 @@ def _report(plan: MergePlan, records: list[dict[str, Any]], timings: dict[str, f
     return report
 
 
-def _copy_aux_files(base: Checkpoint, out_dir: Path, dtype: str) -> None:
-    """Copy the base's config and tokenizer files; config.json's dtype follows an explicit ``--dtype``."""
+def _copy_aux_files(base: Checkpoint, out_dir: Path, dtype: str, updates: dict[str, Any]) -> None:
+    """Copy the base's config and tokenizer files; config.json's dtype follows an explicit ``--dtype``
+    and takes ``updates`` (passthrough's layer count)."""
     for path in base.aux_files():
-        if path.name == "config.json" and dtype != "auto":
-            config = base.config()  # a JSON object: checked when the merge was planned
-            keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
-            config |= dict.fromkeys(keys, dtype)
+        if path.name == "config.json" and (dtype != "auto" or updates):
+            config = base.config() | updates  # a JSON object: checked when the merge was planned
+            if dtype != "auto":
+                keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
+                config |= dict.fromkeys(keys, dtype)
             write_text(out_dir / path.name, json.dumps(config, indent=2) + "\n")
         else:
             copy_file(path, out_dir / path.name)
