@@ -58,6 +58,15 @@ def run_cli(models: Path, monkeypatch: pytest.MonkeyPatch, *argv: str) -> int:
     return main(list(argv))
 
 
+def merged_config(models: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> Path:
+    """``scf merge --config <name>.yml`` once per module (several tests read the same output)."""
+    out = models / f"mk_{name}"
+    if not out.exists():
+        code = run_cli(models, monkeypatch, "merge", "--config", f"{name}.yml", "--out", out.name, "--quiet")
+        assert code == 0
+    return out
+
+
 def merge_ours(models: Path, out: str, monkeypatch: pytest.MonkeyPatch, **fields) -> dict:
     monkeypatch.chdir(models)
     return merge(MergeSpec(**fields), models / out, progress=False)
@@ -93,8 +102,7 @@ OURS: dict[str, dict] = {
 @pytest.mark.parametrize("name", sorted(OURS))
 def test_each_example_config_gives_the_merge_it_means(name: str, models: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    assert run_cli(models, monkeypatch, "merge", "--config", f"{name}.yml", "--out", f"mk_{name}",
-                   "--quiet") == 0
+    merged_config(models, monkeypatch, name)
     expected = merge_ours(models, f"ours_{name}", monkeypatch, **OURS[name])
     got, want = load_output(models / f"mk_{name}"), load_output(models / f"ours_{name}")
     assert list(got) == list(want)
@@ -106,10 +114,8 @@ def test_each_example_config_gives_the_merge_it_means(name: str, models: Path,
 
 def test_the_warnings_reach_the_report(models: Path, monkeypatch: pytest.MonkeyPatch,
                                        capsys: pytest.CaptureFixture) -> None:
-    run_cli(models, monkeypatch, "merge", "--config", "arcee_fusion.yml", "--out", "w_arcee", "--quiet")
-    run_cli(models, monkeypatch, "merge", "--config", "ties.yml", "--out", "w_ties", "--quiet")
-    arcee = json.loads((models / "w_arcee" / "merge_report.json").read_text())
-    ties = json.loads((models / "w_ties" / "merge_report.json").read_text())
+    arcee = json.loads((merged_config(models, monkeypatch, "arcee_fusion") / "merge_report.json").read_text())
+    ties = json.loads((merged_config(models, monkeypatch, "ties") / "merge_report.json").read_text())
     assert arcee["warnings"] == [ARCEE_FUSION_WARNING]
     assert ties["warnings"] == [
         "parameters.int8_mask: ignored (int8_mask only changes how mergekit stores its masks, not the "
@@ -117,7 +123,11 @@ def test_the_warnings_reach_the_report(models: Path, monkeypatch: pytest.MonkeyP
         "dtype: mergekit computes in bfloat16; scf computes in float32 and writes bfloat16, rounding once "
         "(values may differ from mergekit's by bfloat16 rounding)",
     ]
-    assert f"warning: {ARCEE_FUSION_WARNING}" in capsys.readouterr().err
+    (models / "bf16.yml").write_text("merge_method: linear\nmodels: [{model: math}, {model: code}]\n"
+                                     "dtype: bfloat16\n")
+    capsys.readouterr()
+    assert run_cli(models, monkeypatch, "merge", "--config", "bf16.yml", "--out", "bf16", "--quiet") == 0
+    assert capsys.readouterr().err == f"warning: {ties['warnings'][1]}\n"
 
 
 # ------------------------------------------------------------------------- per-tensor parameters
@@ -170,12 +180,12 @@ def test_gradient_positions_and_values_are_mergekits() -> None:
 
 def test_slerp_gradients_resolve_per_tensor_in_the_merge(models: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    run_cli(models, monkeypatch, "merge", "--config", "slerp.yml", "--out", "g_slerp", "--quiet")
-    report = json.loads((models / "g_slerp" / "merge_report.json").read_text())
+    out = merged_config(models, monkeypatch, "slerp")
+    report = json.loads((out / "merge_report.json").read_text())
     got = {record["name"]: record["params"]["t"] for record in report["tensors"]}
     assert got == {name: expected_t(name) for name in got}  # exactly, for every tensor
     assert ATTN[2] == pytest.approx(1 / 3 * 0.3 + 2 / 3 * 0.7, abs=1e-15)
-    merged = load_output(models / "g_slerp")
+    merged = load_output(out)
     math_, code = load_output(models / "math"), load_output(models / "code")
     slerp = get_method("slerp").fn
     from scf.methods.base import TensorInputs
@@ -186,8 +196,7 @@ def test_slerp_gradients_resolve_per_tensor_in_the_merge(models: Path,
 
 
 def test_a_filter_picks_each_tensors_weight(models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    run_cli(models, monkeypatch, "merge", "--config", "dare_ties.yml", "--out", "f_dare", "--quiet")
-    report = json.loads((models / "f_dare" / "merge_report.json").read_text())
+    report = json.loads((merged_config(models, monkeypatch, "dare_ties") / "merge_report.json").read_text())
     weights = {record["name"]: record["params"]["weight"] for record in report["tensors"]}
     assert weights["model.layers.0.mlp.up_proj.weight"] == 0.6
     assert weights["model.layers.0.self_attn.q_proj.weight"] == 0.4
@@ -213,10 +222,10 @@ def test_per_model_filters_fall_back_to_the_top_level_as_in_mergekit(tmp_path: P
 
 
 def test_passthrough_stacks_slices_into_a_new_model(models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    run_cli(models, monkeypatch, "merge", "--config", "passthrough.yml", "--out", "frank", "--quiet")
-    out = load_output(models / "frank")
+    frank = merged_config(models, monkeypatch, "passthrough")
+    out = load_output(frank)
     math_, code = load_output(models / "math"), load_output(models / "code")
-    assert json.loads((models / "frank" / "config.json").read_text())["num_hidden_layers"] == 6
+    assert json.loads((frank / "config.json").read_text())["num_hidden_layers"] == 6
     layers = sorted({int(n.split(".")[2]) for n in out if n.startswith("model.layers.")})
     assert layers == [0, 1, 2, 3, 4, 5]
     assert torch.equal(out["model.embed_tokens.weight"], math_["model.embed_tokens.weight"])
@@ -231,7 +240,7 @@ def test_passthrough_stacks_slices_into_a_new_model(models: Path, monkeypatch: p
         scale = 0.5 if out_layer >= 3 else 1.0
         assert torch.equal(out[f"model.layers.{out_layer}.self_attn.o_proj.weight"], o_proj * scale)
     assert len(out) == 3 + 6 * 9
-    report = json.loads((models / "frank" / "merge_report.json").read_text())
+    report = json.loads((frank / "merge_report.json").read_text())
     record = next(r for r in report["tensors"] if r["name"] == "model.layers.3.mlp.up_proj.weight")
     assert record["source"] == {"model": "secondary[0]", "tensor": "model.layers.1.mlp.up_proj.weight"}
     assert record["fraction_from"] == {"base": 0.0, "secondary_0": 1.0, "neither": 0.0}
@@ -240,7 +249,7 @@ def test_passthrough_stacks_slices_into_a_new_model(models: Path, monkeypatch: p
 # ------------------------------------------------------------------------------- convert-config
 
 
-@pytest.mark.parametrize("name", ["slerp", "ties", "passthrough"])
+@pytest.mark.parametrize("name", ["slerp", "dare_ties", "passthrough"])
 def test_convert_config_round_trips(name: str, models: Path, monkeypatch: pytest.MonkeyPatch,
                                     capsys: pytest.CaptureFixture) -> None:
     capsys.readouterr()
@@ -251,8 +260,7 @@ def test_convert_config_round_trips(name: str, models: Path, monkeypatch: pytest
     assert "merge_method" not in yaml.safe_load(printed)
     run_cli(models, monkeypatch, "merge", "--config", f"converted_{name}.yml", "--out", f"rt_{name}",
             "--quiet")
-    run_cli(models, monkeypatch, "merge", "--config", f"{name}.yml", "--out", f"rt_mk_{name}", "--quiet")
-    got, want = load_output(models / f"rt_{name}"), load_output(models / f"rt_mk_{name}")
+    got, want = load_output(models / f"rt_{name}"), load_output(merged_config(models, monkeypatch, name))
     assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in got)
 
 
