@@ -181,13 +181,16 @@ def merge_fingerprint(spec: MergeSpec) -> str:
     key = {
         "method": spec.method,
         "params": params,
-        "slices": [s.model_dump(mode="json") for s in spec.slices],
         "inputs": [source.fingerprint for source in sources],
         "has_reference": spec.reference is not None,
         "dtype": spec.dtype,
         "seed": spec.seed,
         "scf_version": scf.__version__,
     }
+    if spec.slices:  # only when set: the keys of earlier merges stay valid
+        key["slices"] = [s.model_dump(mode="json") for s in spec.slices]
+    if spec.tokenizer_source is not None:
+        key["tokenizer_source"] = spec.tokenizer_source
     return hashlib.sha256(json.dumps(key, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 

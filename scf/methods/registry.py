@@ -379,6 +379,9 @@ def _check_model_count(spec: MethodSpec, n_models: int) -> None:
     n_secondaries = n_models - 1
     if fewest <= n_secondaries and (most is None or n_secondaries <= most):
         return
+    if most == 0:
+        raise ScfError(f"method {spec.name!r} copies the base alone (no secondaries; passthrough stacks the "
+                       f"layers of several models with slices), got {n_secondaries} secondaries")
     if most == fewest:
         wanted = f"exactly {fewest} secondar{'y' if fewest == 1 else 'ies'}"
     elif most is None:
