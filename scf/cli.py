@@ -212,6 +212,8 @@ def describe_method(spec: Any) -> dict[str, Any]:
 def _inputs_line(spec: Any) -> str:
     """What a method merges, e.g. ``base + 1 secondary`` or ``base + secondaries, needs --reference``."""
     fewest, most = spec.secondaries
+    if most == 0:
+        return "base alone, or slices of several models"
     if most == fewest:
         models = f"base + {fewest} secondar{'y' if fewest == 1 else 'ies'}"
     else:

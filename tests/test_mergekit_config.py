@@ -244,6 +244,35 @@ def test_passthrough_stacks_slices_into_a_new_model(models: Path, monkeypatch: p
     record = next(r for r in report["tensors"] if r["name"] == "model.layers.3.mlp.up_proj.weight")
     assert record["source"] == {"model": "secondary[0]", "tensor": "model.layers.1.mlp.up_proj.weight"}
     assert record["fraction_from"] == {"base": 0.0, "secondary_0": 1.0, "neither": 0.0}
+    # the resolved spec it wrote (pinned inputs, slices) reruns to the same bytes
+    assert run_cli(models, monkeypatch, "merge", "--config", str(frank / "merge_config.yaml"), "--out",
+                   "frank_again", "--quiet") == 0
+    again = load_output(models / "frank_again")
+    assert list(again) == list(out) and all(torch.equal(again[k], out[k]) for k in out)
+
+
+def test_passthrough_and_per_tensor_refusals_name_the_tensor_or_slice(
+        models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(models)
+
+    def refusal(**fields) -> str:
+        with pytest.raises(ScfError) as info:
+            merge(MergeSpec(**fields), models / "refused", progress=False)
+        assert not (models / "refused").exists()
+        return str(info.value)
+
+    beyond = [{"model": "math", "layer_range": [2, 6]}]
+    assert refusal(base="math", method="passthrough", slices=beyond) == (
+        "slices.0.layer_range: [2, 6] goes beyond the 4 layers of base (math)")
+    assert refusal(base="math", secondary=["code"], method="passthrough") == (
+        "method 'passthrough' copies one model: without slices it takes only the base (got 1 secondaries); "
+        "give slices to stack layers of several")
+    no_default = {"t": [{"filter": "mlp", "value": 0.5}]}
+    assert refusal(base="math", secondary=["code"], method="slerp", params=no_default) == (
+        "tensor 'lm_head.weight': method 'slerp': invalid params: params.t: required (the "
+        "method has no default for it)")
+    with pytest.raises(ValueError, match=r"slices\.0\.model: 'other' is neither base nor a secondary"):
+        MergeSpec(base="math", method="passthrough", slices=[{"model": "other", "layer_range": [0, 1]}])
 
 
 # ------------------------------------------------------------------------------- convert-config

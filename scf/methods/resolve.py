@@ -274,7 +274,7 @@ def _freeze(value: Any) -> Any:
 def compose(first: Any, fallback: Any) -> Any:
     """One setting that gives ``first``'s value, or ``fallback``'s where ``first``'s filters all miss
     (mergekit looks a parameter up per model, then per slice, then at the top level)."""
-    if not is_filter_list(first):
+    if not is_filter_list(first) or fallback is None:  # None: unset (the method's default)
         return first
     return [*first, *(fallback if is_filter_list(fallback) else [{"value": fallback}])]
 
