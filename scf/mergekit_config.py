@@ -244,11 +244,12 @@ class _Translator:
             elif key not in per_model:
                 params[key] = value
         for _, model_params, where in contributors:
-            for key in model_params:
-                if key not in per_model:
-                    listed = ", ".join(sorted(per_model)) or "none"
-                    raise ScfError(f"{where}.parameters.{key}: not a per-model parameter of {method} "
-                                   f"(those are: {listed}); put it under the top-level parameters:")
+            for key in [k for k in model_params if k not in per_model]:
+                # mergekit reads these at the slice and top level only, so it never sees this one
+                listed = ", ".join(sorted(per_model)) or "none"
+                self.warnings.append(f"{where}.parameters.{key}: ignored, as mergekit ignores it: not a "
+                                     f"per-model parameter of {method} (those are: {listed}); put it under "
+                                     f"the top-level parameters:")
         for key in sorted(per_model & ({k for _, p, _ in contributors for k in p} | set(top))):
             entries = [_compose_optional(p.get(key), top.get(key)) for _, p, _ in contributors]
             params[key] = _per_model_value(registry, key, entries, [w for _, _, w in contributors])
