@@ -325,6 +325,7 @@ def _slice_layout(spec: MergeSpec, checkpoints: list[Checkpoint], labels: list[s
         if layer_index(name) is None and before_layers(name):
             add(name, first, name, resolvers[0], 0.0)
     out_layer = 0
+    layer_types: list[Any] | None = []  # config.json's per-layer list (sliding or full attention), if any
     for i, (layer_slice, slice_resolver) in enumerate(zip(spec.slices, resolvers, strict=True)):
         source = index_of[layer_slice.model]
         by_layer: dict[int, list[str]] = {}
@@ -337,6 +338,11 @@ def _slice_layout(spec: MergeSpec, checkpoints: list[Checkpoint], labels: list[s
         if end > n_layers:
             raise ScfError(f"slices.{i}.layer_range: [{start}, {end}] goes beyond the {n_layers} layers of "
                            f"{labels[source]} ({layer_slice.model})")
+        types = (checkpoints[source].config() or {}).get("layer_types")
+        if layer_types is not None and isinstance(types, list) and len(types) == n_layers:
+            layer_types += types[start:end]
+        else:
+            layer_types = None
         for offset, layer in enumerate(range(start, end)):
             if layer not in by_layer:
                 raise ScfError(f"slices.{i}: {labels[source]} ({layer_slice.model}) has no tensors of "
@@ -348,7 +354,13 @@ def _slice_layout(spec: MergeSpec, checkpoints: list[Checkpoint], labels: list[s
     for name in checkpoints[last].tensors:
         if layer_index(name) is None and not before_layers(name):
             add(name, last, name, resolvers[-1], 1.0)
-    return outputs, loads, tensor_params, {"num_hidden_layers": out_layer}
+    updates: dict[str, Any] = {"num_hidden_layers": out_layer}
+    if "layer_types" in (checkpoints[0].config() or {}):  # kept in step with the stacked layers
+        if layer_types is None:
+            raise ScfError("slices: config.json's layer_types must list every layer of each sliced model "
+                           "to be stacked with them")
+        updates["layer_types"] = layer_types
+    return outputs, loads, tensor_params, updates
 
 
 def _describe_params(spec: MergeSpec, resolver: ParamResolver, first: BaseModel) -> dict[str, Any]:

@@ -401,3 +401,16 @@ def test_a_tokenizer_source_we_cannot_build_yet_is_refused_before_writing(
 def test_local_layer_count_reads_config_json(models: Path) -> None:
     assert local_layer_count(str(models / "math")) == N_LAYERS
     assert local_layer_count(str(models / "nowhere")) is None
+
+
+def test_passthrough_keeps_config_layer_types_in_step(tmp_path: Path) -> None:
+    config = llama_config(n_layers=2, hidden=8, intermediate=16, vocab=32)
+    config["layer_types"] = ["sliding_attention", "full_attention"]
+    model = save_checkpoint(tmp_path / "m", llama_state(config, seed=3), config)
+    slices = [{"model": str(model), "layer_range": [0, 2]}, {"model": str(model), "layer_range": [1, 2]}]
+    merge(MergeSpec(base=str(model), method="passthrough", slices=slices), tmp_path / "out", progress=False)
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["num_hidden_layers"] == 3
+    assert written["layer_types"] == ["sliding_attention", "full_attention", "full_attention"]
+    assert torch.equal(load_output(tmp_path / "out")["model.layers.2.mlp.up_proj.weight"],
+                       load_output(model)["model.layers.1.mlp.up_proj.weight"])
