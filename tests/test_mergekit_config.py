@@ -32,11 +32,9 @@ DATA = Path(__file__).parent / "data" / "mergekit"
 N_LAYERS = 4
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A directory holding ancestor, math and code (tiny 4-layer relatives) and the example configs."""
-    root = tmp_path_factory.mktemp("mergekit")
-    config = llama_config(n_layers=N_LAYERS, hidden=16, intermediate=32, vocab=64)
+def _zoo(root: Path, n_layers: int) -> Path:
+    """ancestor, math and code (tiny relatives with ``n_layers`` layers) and the example configs."""
+    config = llama_config(n_layers=n_layers, hidden=16, intermediate=32, vocab=64)
     ancestor = llama_state(config, seed=0)
     save_checkpoint(root / "ancestor", ancestor, config)
     save_checkpoint(root / "math", finetune(ancestor, seed=1), config)
@@ -44,6 +42,18 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for path in DATA.glob("*.yml"):
         shutil.copy(path, root / path.name)
     return root
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4-layer models, for the configs that name layers (slerp's gradients, passthrough's slices)."""
+    return _zoo(tmp_path_factory.mktemp("mergekit4"), N_LAYERS)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """1-layer models (12 tensors: a third of the time per merge) for the layer-agnostic configs."""
+    return _zoo(tmp_path_factory.mktemp("mergekit1"), 1)
 
 
 def load_output(out: Path) -> dict[str, torch.Tensor]:
@@ -96,12 +106,21 @@ OURS: dict[str, dict] = {
     "nuslerp": dict(base="math", secondary=["code"], method="nuslerp",
                     params={"weight": [0.3, 0.7], "nuslerp_flatten": False}),
     "arcee_fusion": dict(base="math", secondary=["code"], method="scf_kl"),
+    "multislerp": dict(base="math", secondary=["code"], reference="ancestor", method="multislerp",
+                       params={"weight": [2.0, 1.0]}),
+    "breadcrumbs_ties": dict(base="math", secondary=["code"], reference="ancestor", method="breadcrumbs_ties",
+                             params={"weight": [0.7, 0.3], "density": [0.9, 0.7], "gamma": 0.02}),
+    "della_linear": dict(base="math", secondary=["code"], reference="ancestor", method="della_linear",
+                         params={"weight": 0.5, "density": 0.5, "epsilon": 0.05, "lambda": 0.9}),
+    "sce": dict(base="math", secondary=["code"], reference="ancestor", method="sce",
+                params={"select_topk": 0.6}),
 }
 
 
 @pytest.mark.parametrize("name", sorted(OURS))
-def test_each_example_config_gives_the_merge_it_means(name: str, models: Path,
+def test_each_example_config_gives_the_merge_it_means(name: str, small: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    models = small
     merged_config(models, monkeypatch, name)
     expected = merge_ours(models, f"ours_{name}", monkeypatch, **OURS[name])
     got, want = load_output(models / f"mk_{name}"), load_output(models / f"ours_{name}")
@@ -112,8 +131,9 @@ def test_each_example_config_gives_the_merge_it_means(name: str, models: Path,
     assert report["method"] == OURS[name]["method"] and report["params"] == expected["params"]
 
 
-def test_the_warnings_reach_the_report(models: Path, monkeypatch: pytest.MonkeyPatch,
+def test_the_warnings_reach_the_report(small: Path, monkeypatch: pytest.MonkeyPatch,
                                        capsys: pytest.CaptureFixture) -> None:
+    models = small
     arcee = json.loads((merged_config(models, monkeypatch, "arcee_fusion") / "merge_report.json").read_text())
     ties = json.loads((merged_config(models, monkeypatch, "ties") / "merge_report.json").read_text())
     assert arcee["warnings"] == [ARCEE_FUSION_WARNING]
@@ -195,7 +215,8 @@ def test_slerp_gradients_resolve_per_tensor_in_the_merge(models: Path,
         assert torch.equal(merged[name], slerp(TensorInputs(name, math_[name], [code[name]]), params)), name
 
 
-def test_a_filter_picks_each_tensors_weight(models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_filter_picks_each_tensors_weight(small: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    models = small
     report = json.loads((merged_config(models, monkeypatch, "dare_ties") / "merge_report.json").read_text())
     weights = {record["name"]: record["params"]["weight"] for record in report["tensors"]}
     assert weights["model.layers.0.mlp.up_proj.weight"] == 0.6
@@ -278,9 +299,11 @@ def test_passthrough_and_per_tensor_refusals_name_the_tensor_or_slice(
 # ------------------------------------------------------------------------------- convert-config
 
 
-@pytest.mark.parametrize("name", ["slerp", "dare_ties", "passthrough"])
-def test_convert_config_round_trips(name: str, models: Path, monkeypatch: pytest.MonkeyPatch,
-                                    capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize(("name", "zoo"), [("slerp", "models"), ("dare_ties", "small"),
+                                         ("passthrough", "models")])
+def test_convert_config_round_trips(name: str, zoo: str, request: pytest.FixtureRequest,
+                                    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    models = request.getfixturevalue(zoo)
     capsys.readouterr()
     assert run_cli(models, monkeypatch, "convert-config", f"{name}.yml") == 0
     printed = capsys.readouterr().out
@@ -388,7 +411,8 @@ def test_roles_and_tokenizer_source_map_exactly() -> None:
 
 
 def test_a_tokenizer_source_we_cannot_build_yet_is_refused_before_writing(
-        models: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+        small: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    models = small
     (models / "union.yml").write_text(yaml.safe_dump({
         "merge_method": "linear", "models": [{"model": "math"}, {"model": "code"}],
         "tokenizer_source": "union"}))
