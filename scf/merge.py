@@ -233,7 +233,8 @@ def plan_merge(spec: MergeSpec, out: str | Path, *, overwrite: bool = False) -> 
         check_not_an_input(dest, {label: [source.path, *checkpoint.files] for label, source, checkpoint
                                   in zip(labels, sources, checkpoints, strict=True)})
         _check_architectures(checkpoints, labels)
-        if spec.slices:
+        if spec.slices:  # inputs may differ in depth; only the tensors taken are read
+            _check_no_float8(checkpoints, labels)
             layout = _slice_layout(spec, checkpoints, labels, resolver)
         else:
             _check_tensors(checkpoints, labels)
@@ -250,7 +251,7 @@ def plan_merge(spec: MergeSpec, out: str | Path, *, overwrite: bool = False) -> 
         shapes = {t.name: t.shape for t in outputs if t.dtype.is_floating_point}
         diagnosed = set(diag.select_matrices(shapes, spec.diagnostic_layers))
     first = tensor_params[outputs[0].name] if outputs else validate_params(spec.method, {}, _n_models(spec))
-    described = _describe_params(spec, resolver, first)
+    described = _describe_params(resolver, first)
     return MergePlan(spec, method, first, sources, labels, checkpoints, outputs, device, diagnosed, dest,
                      tensor_params, loads, described, [], config_updates)
 
@@ -325,6 +326,7 @@ def _slice_layout(spec: MergeSpec, checkpoints: list[Checkpoint], labels: list[s
         if layer_index(name) is None and before_layers(name):
             add(name, first, name, resolvers[0], 0.0)
     out_layer = 0
+    part_shapes: dict[str, tuple[int, ...]] = {}  # layer-0 name of each part -> the shape it has
     layer_types: list[Any] | None = []  # config.json's per-layer list (sliding or full attention), if any
     for i, (layer_slice, slice_resolver) in enumerate(zip(spec.slices, resolvers, strict=True)):
         source = index_of[layer_slice.model]
@@ -349,6 +351,8 @@ def _slice_layout(spec: MergeSpec, checkpoints: list[Checkpoint], labels: list[s
                                f"layer {layer}")
             t = slice_position(offset, end - start)
             for name in by_layer[layer]:
+                shape = checkpoints[source].tensors[name].shape
+                _check_stackable(part_shapes, name, shape, i, labels[source])
                 add(renumber(name, out_layer), source, name, slice_resolver, t)
             out_layer += 1
     for name in checkpoints[last].tensors:
@@ -363,7 +367,18 @@ def _slice_layout(spec: MergeSpec, checkpoints: list[Checkpoint], labels: list[s
     return outputs, loads, tensor_params, updates
 
 
-def _describe_params(spec: MergeSpec, resolver: ParamResolver, first: BaseModel) -> dict[str, Any]:
+def _check_stackable(part_shapes: dict[str, tuple[int, ...]], name: str, shape: tuple[int, ...], index: int,
+                     label: str) -> None:
+    """Every stacked layer's tensor of one part (``self_attn.q_proj.weight``, ...) has one shape."""
+    part = renumber(name, 0)
+    expected = part_shapes.setdefault(part, tuple(shape))
+    if tuple(shape) != expected:
+        raise ScfError(f"slices.{index}: tensor {name!r} of {label} has shape {list(shape)}, but the "
+                       f"layers stacked before it have {list(expected)}: the sliced models must have the "
+                       f"same shapes")
+
+
+def _describe_params(resolver: ParamResolver, first: BaseModel) -> dict[str, Any]:
     """Parameters for the report: defaults filled, per-tensor forms as written."""
     if resolver.uniform is not None:
         return resolver.uniform.model_dump(mode="json")
@@ -443,13 +458,7 @@ def _check_tensors(checkpoints: list[Checkpoint], labels: list[str]) -> None:
     """Every input must hold exactly the base's tensor names, with the base's shapes and dtype kinds
     (float, integer or bool: a float tensor merged with an integer one would be nonsense; float
     precisions may differ), and no float8 tensor."""
-    for checkpoint, label in zip(checkpoints, labels, strict=True):
-        for meta in checkpoint.tensors.values():
-            if meta.dtype in _FLOAT8:
-                raise ScfError(
-                    f"tensor {meta.name!r} of {label} ({meta.file}) is float8 ({_FLOAT8[meta.dtype]}): "
-                    f"float8 weights are quantized, with their scales in other tensors, and cannot be merged "
-                    f"value by value; dequantize the checkpoint (to bfloat16) first")
+    _check_no_float8(checkpoints, labels)
     base = checkpoints[0]
     for checkpoint, label in zip(checkpoints[1:], labels[1:], strict=True):
         for names, present, absent in (
@@ -471,6 +480,17 @@ def _check_tensors(checkpoints: list[Checkpoint], labels: list[str]) -> None:
                                f"({_dtype_kind(meta.dtype)}), {label} has {_dtype_name(other.dtype)} "
                                f"({_dtype_kind(other.dtype)}); only float tensors of any precision can be "
                                f"merged with each other")
+
+
+def _check_no_float8(checkpoints: list[Checkpoint], labels: list[str]) -> None:
+    """Float8 weights are quantized (their scales live in other tensors): refused, naming the tensor."""
+    for checkpoint, label in zip(checkpoints, labels, strict=True):
+        for meta in checkpoint.tensors.values():
+            if meta.dtype in _FLOAT8:
+                raise ScfError(
+                    f"tensor {meta.name!r} of {label} ({meta.file}) is float8 ({_FLOAT8[meta.dtype]}): "
+                    f"float8 weights are quantized, with their scales in other tensors, and cannot be merged "
+                    f"value by value; dequantize the checkpoint (to bfloat16) first")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -438,3 +438,19 @@ def test_passthrough_keeps_config_layer_types_in_step(tmp_path: Path) -> None:
     assert written["layer_types"] == ["sliding_attention", "full_attention", "full_attention"]
     assert torch.equal(load_output(tmp_path / "out")["model.layers.2.mlp.up_proj.weight"],
                        load_output(model)["model.layers.1.mlp.up_proj.weight"])
+
+
+def test_passthrough_refuses_layers_of_another_shape(tmp_path: Path) -> None:
+    def model(name: str, hidden: int) -> Path:
+        config = llama_config(n_layers=1, hidden=hidden, intermediate=16, vocab=32)
+        return save_checkpoint(tmp_path / name, llama_state(config, seed=1), config)
+
+    narrow, wide = model("narrow", 8), model("wide", 16)
+    slices = [{"model": str(narrow), "layer_range": [0, 1]}, {"model": str(wide), "layer_range": [0, 1]}]
+    spec = MergeSpec(base=str(narrow), secondary=[str(wide)], method="passthrough", slices=slices)
+    with pytest.raises(ScfError) as info:
+        merge(spec, tmp_path / "out", progress=False)
+    assert str(info.value) == (
+        "slices.1: tensor 'model.layers.0.input_layernorm.weight' of secondary[0] has shape [16], but the "
+        "layers stacked before it have [8]: the sliced models must have the same shapes")
+    assert not (tmp_path / "out").exists()
