@@ -161,8 +161,21 @@ def run_convert_config(args: argparse.Namespace) -> int:
     sys.stdout.write(f"# scf merge config, converted from the mergekit config {args.config}\n")
     for warning in translation.warnings:
         sys.stdout.write(f"# warning: {warning}\n")
-    sys.stdout.write(yaml.safe_dump(fields, sort_keys=False))
+    sys.stdout.write(yaml.dump(fields, Dumper=_flow_list_dumper(), sort_keys=False))
     return 0
+
+
+def _flow_list_dumper() -> type:
+    """A safe YAML dumper that writes lists of plain values on one line (gradients, per-model lists)."""
+    import yaml
+
+    class FlowListDumper(yaml.SafeDumper):
+        def represent_list(self, data: list) -> yaml.Node:
+            plain = all(isinstance(v, int | float | str | bool) for v in data)
+            return self.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=plain)
+
+    FlowListDumper.add_representer(list, FlowListDumper.represent_list)
+    return FlowListDumper
 
 
 def run_methods(args: argparse.Namespace) -> int:
