@@ -237,10 +237,14 @@ class _Translator:
     def _method_params(self, method: str, contributors: list, top: dict) -> dict[str, Any]:
         registry = get_method(method)
         per_model = set(registry.per_model_params)
+        known = {field.alias or name for name, field in registry.params.model_fields.items()}
         params: dict[str, Any] = {}
         for key, value in top.items():
             if key in _MEMORY_ONLY:
                 self.warnings.append(f"parameters.{key}: ignored ({_MEMORY_ONLY[key]})")
+            elif key not in known:  # mergekit reads only the parameters its method declares
+                self.warnings.append(f"parameters.{key}: ignored, as mergekit ignores it: {method} takes "
+                                     f"{', '.join(sorted(known)) or 'no parameters'}")
             elif key not in per_model:
                 params[key] = value
         for _, model_params, where in contributors:

@@ -364,11 +364,13 @@ def test_unsupported_keys_and_values_are_errors_that_name_them() -> None:
                     "parameters": {"t": {"filter": "mlp", "value": 0.3}}}) == (
         "mergekit config m.yml: parameters.t: a single {filter, value} mapping is not a mergekit setting; "
         "write a list of them, ending with a default ({value: ...})")
-    ignored = translate({"merge_method": "sce", "base_model": "a", "parameters": {"select_topk": 0.5},
+    ignored = translate({"merge_method": "sce", "base_model": "a",
+                         "parameters": {"select_topk": 0.5, "normalize": True},
                          "models": [{"model": "b", "parameters": {"weight": 0.5}}, {"model": "c"}]},
                         "m.yml", lambda ref: 4)
     assert ignored.spec["params"] == {"select_topk": 0.5}
     assert ignored.warnings == [
+        "parameters.normalize: ignored, as mergekit ignores it: sce takes select_topk",
         "models[0].parameters.weight: ignored, as mergekit ignores it: not a per-model parameter of sce "
         "(those are: none); put it under the top-level parameters:"]
     assert refused({"merge_method": "linear", "models": [{"model": "a+lora"}]}) == (
