@@ -2,9 +2,9 @@
 
 YAML front matter (``base_model``: every input; ``library_name: transformers``; ``tags``; ``license``
 only where every input's own card declares the same one), then the method and its paper, the
-parameters, the inputs with their revisions and fingerprints, where the parameters come from, and
-the vocabulary and file decisions. Built from the merge report alone (plus the inputs' cards for the
-license), so it says nothing the report does not.
+parameters, the inputs with their revisions and fingerprints, where the parameters come from, the
+vocabulary and file decisions, and the report's warnings (e.g. from a mergekit config). Built from
+the merge report alone (plus the inputs' cards for the license), so it says nothing the report does not.
 """
 
 from __future__ import annotations
@@ -119,6 +119,8 @@ def model_card(report: dict[str, Any], title: str, license_id: str | None) -> st
     if "vocabulary" in report:
         parts.append(_vocab_section(report["vocabulary"]))
     parts.append(_files_section(report.get("files_from") or {}))
+    if report.get("warnings"):
+        parts.append(_warnings_section(report["warnings"]))
     return "\n".join(parts)
 
 
@@ -188,3 +190,7 @@ def _files_section(files: dict[str, Any]) -> str:
     lines = ["## Files\n", "| File | From |", "|---|---|"]
     lines += [f"| {name} | {origin or 'none'} |" for name, origin in rows]
     return "\n".join(lines) + "\n"
+
+
+def _warnings_section(warnings: list[str]) -> str:
+    return "\n".join(["## Warnings\n", *(f"- {warning}" for warning in warnings)]) + "\n"

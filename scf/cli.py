@@ -28,7 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Merge a base with one or more secondaries, streaming tensor by tensor. Flags override "
                     "the fields of --config. Bad input: 'error: ...' and exit code 2, nothing written.")
     merge.add_argument("--config", type=Path,
-                       help="YAML file of MergeSpec fields (base, secondary, method, params, ...)")
+                       help="YAML file of MergeSpec fields (base, secondary, method, params, ...), or a "
+                            "mergekit config (merge_method, models, base_model, ...), run as it is")
     merge.add_argument("--out", required=True,
                        help="output directory (appears atomically); never an input, its parent or the "
                             "working directory")
@@ -64,6 +65,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     methods.add_argument("--json", action="store_true", help="print JSON instead of text")
     methods.set_defaults(func=run_methods)
 
+    convert = subparsers.add_parser(
+        "convert-config", help="print a mergekit config as the equivalent scf merge config",
+        description="Read a mergekit YAML config and print the scf merge config (MergeSpec YAML) that "
+                    "`scf merge --config` runs to the same merge. Unsupported keys are errors.")
+    convert.add_argument("config", type=Path, help="the mergekit YAML file")
+    convert.set_defaults(func=run_convert_config)
+
 
 def parse_set(items: list[str]) -> dict[str, Any]:
     """Parse ``--set key=value`` items; values are YAML scalars or lists.
@@ -87,30 +95,49 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return params
 
 
-def build_spec(args: argparse.Namespace) -> Any:
-    """The `MergeSpec` from ``--config`` (if any) with the given flags and ``--set`` params on top."""
+def build_spec(args: argparse.Namespace) -> tuple[Any, list[str]]:
+    """The `MergeSpec` from ``--config`` (ours or mergekit's) with the given flags and ``--set``
+    params on top, and the warnings a mergekit config's translation leaves for the report."""
     from scf.spec import load_spec_file, spec_from_mapping
 
     data = load_spec_file(args.config) if args.config else {}
     origin = str(args.config) if args.config else "command line"
+    warnings: list[str] = []
+    if args.config:
+        from scf.mergekit_config import is_mergekit, translate
+
+        if is_mergekit(data):
+            translation = translate(data, origin, _downloaded_layer_count)
+            data, warnings = translation.spec, translation.warnings
     for field in _FLAG_FIELDS:
         value = getattr(args, field)
         if value is not None:
             data[field] = value
     if args.params:
         data["params"] = {**(data.get("params") or {}), **parse_set(args.params)}
-    if "base" not in data or "secondary" not in data:
+    if "base" not in data or ("secondary" not in data and data.get("method") != "passthrough"):
         raise ScfError(f"merge spec from {origin}: base and secondary are required "
                        f"(--base A --secondary B, or in --config)")
-    return spec_from_mapping(data, origin)
+    return spec_from_mapping(data, origin), warnings
+
+
+def _downloaded_layer_count(ref: str) -> int | None:
+    """A model's num_hidden_layers, resolving (downloading) it as the merge is about to."""
+    from scf.mergekit_config import layer_count_of
+    from scf.sources import resolve_source
+
+    path = resolve_source(ref).path
+    return layer_count_of(path / "config.json" if path.is_dir() else None)
 
 
 def run_merge(args: argparse.Namespace) -> int:
     """Handler of ``scf merge``: merge and print a one-paragraph summary."""
     from scf.merge import merge
 
-    spec = build_spec(args)
-    report = merge(spec, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    spec, warnings = build_spec(args)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    report = merge(spec, args.out, overwrite=args.overwrite, progress=not args.quiet, warnings=warnings)
     totals = report["totals"]
     shares = ", ".join(f"{k} {v:.2%}" for k, v in totals["fraction_from"].items())
     print(f"merged {totals['n_tensors']} tensors ({totals['n_params']:,} params) with {report['method']} "
@@ -121,6 +148,42 @@ def run_merge(args: argparse.Namespace) -> int:
             print(f"{name}: {rows['rows']} rows, {rows['rows_merged']} merged, {rows['rows_copied']} copied "
                   f"from {rows['copied_from'] or '-'} (tokenizer from {vocab['source']})")
     return 0
+
+
+def run_convert_config(args: argparse.Namespace) -> int:
+    """Handler of ``scf convert-config``: print the scf config of a mergekit config (no torch)."""
+    import yaml
+
+    from scf.mergekit_config import is_mergekit, local_layer_count, translate
+    from scf.spec import load_spec_file, spec_from_mapping
+
+    data = load_spec_file(args.config)
+    if not is_mergekit(data):
+        raise ScfError(f"{args.config}: not a mergekit config (it has no merge_method, models or base_model)")
+    translation = translate(data, str(args.config), local_layer_count)
+    spec = spec_from_mapping(translation.spec, str(args.config))  # what `scf merge --config` will accept
+    fields = spec.model_dump(mode="json", exclude_defaults=True)
+    order = ("base", "secondary", "reference", "method", "params", "slices")
+    fields = {key: fields[key] for key in order if key in fields} | fields
+    fields.setdefault("method", spec.method)  # scf_rkl is our default, not mergekit's
+    sys.stdout.write(f"# scf merge config, converted from the mergekit config {args.config}\n")
+    for warning in translation.warnings:
+        sys.stdout.write(f"# warning: {warning}\n")
+    sys.stdout.write(yaml.dump(fields, Dumper=_flow_list_dumper(), sort_keys=False))
+    return 0
+
+
+def _flow_list_dumper() -> type:
+    """A safe YAML dumper that writes lists of plain values on one line (gradients, per-model lists)."""
+    import yaml
+
+    class FlowListDumper(yaml.SafeDumper):
+        def represent_list(self, data: list) -> yaml.Node:
+            plain = all(isinstance(v, int | float | str | bool) for v in data)
+            return self.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=plain)
+
+    FlowListDumper.add_representer(list, FlowListDumper.represent_list)
+    return FlowListDumper
 
 
 def run_methods(args: argparse.Namespace) -> int:
@@ -170,6 +233,8 @@ def describe_method(spec: Any) -> dict[str, Any]:
 def _inputs_line(spec: Any) -> str:
     """What a method merges, e.g. ``base + 1 secondary`` or ``base + secondaries, needs --reference``."""
     fewest, most = spec.secondaries
+    if most == 0:
+        return "base alone, or slices of several models"
     if most == fewest:
         models = f"base + {fewest} secondar{'y' if fewest == 1 else 'ies'}"
     else:

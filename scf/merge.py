@@ -44,6 +44,15 @@ from scf.io import (
 from scf.memory import check_working_memory
 from scf.methods.base import TensorInputs, Workspace
 from scf.methods.registry import MethodSpec, get_method, validate_params
+from scf.methods.resolve import (
+    ParamResolver,
+    before_layers,
+    compose_params,
+    layer_index,
+    renumber,
+    slice_position,
+    tensor_position,
+)
 from scf.outdir import REPORT_NAME, AtomicDir, check_not_an_input, check_output_dir, existing_ancestor
 from scf.rss import peak_rss_bytes
 from scf.sources import ResolvedSource, resolve_source
@@ -62,7 +71,8 @@ class MergePlan:
     Attributes:
         spec: the user's spec.
         method: the method's registry entry.
-        params: its validated parameters (defaults filled).
+        params: its validated parameters (defaults filled) for the first tensor; per-tensor forms
+            give each tensor its own (``tensor_params``).
         sources: resolved inputs, ``[base, *secondaries]`` then the reference if any.
         labels: ``base``, ``secondary[i]``, ``reference`` for each source (for messages).
         checkpoints: the opened inputs, same order as ``sources``.
@@ -71,6 +81,12 @@ class MergePlan:
         diagnosed: names of the matrices to diagnose (empty unless ``spec.diagnostics``).
         dest: the absolute output directory, checked safe to write.
         vocab: which embedding rows are merged or copied, and the tokenizer's source (`scf.vocab`).
+        tensor_params: each output tensor's validated parameters.
+        loads: each output tensor's inputs as ``(index into checkpoints, input tensor name)``; the
+            same name from every input, except for passthrough's slices.
+        described_params: the parameters as reports and the reproducing config show them.
+        warnings: notes for the report (e.g. from translating a mergekit config).
+        config_updates: keys changed in the output's config.json (passthrough: num_hidden_layers).
     """
 
     spec: MergeSpec
@@ -84,6 +100,16 @@ class MergePlan:
     diagnosed: set[str]
     dest: Path
     vocab: VocabPlan
+    tensor_params: dict[str, BaseModel]
+    loads: dict[str, list[tuple[int, str]]]
+    described_params: dict[str, Any]
+    warnings: list[str]
+    config_updates: dict[str, Any]
+
+    @property
+    def passthrough(self) -> bool:
+        """Whether each output tensor is one input tensor, copied (possibly scaled)."""
+        return self.method.name == "passthrough"
 
     @property
     def n_secondaries(self) -> int:
@@ -97,7 +123,7 @@ class MergePlan:
 
 
 def merge(spec: MergeSpec, out: str | Path, *, overwrite: bool = False,
-          progress: bool = True) -> dict[str, Any]:
+          progress: bool = True, warnings: list[str] | None = None) -> dict[str, Any]:
     """Merge the spec's models into ``out``, atomically.
 
     Args:
@@ -107,6 +133,8 @@ def merge(spec: MergeSpec, out: str | Path, *, overwrite: bool = False,
             and a ``README.md`` model card) or not at all.
         overwrite: replace an existing ``out`` that is an earlier merge output.
         progress: show a progress bar (one step per tensor) on stderr.
+        warnings: notes to record under the report's ``warnings`` (e.g. how a mergekit config's
+            method differs from ours).
 
     Returns:
         The merge report (also written to ``out/merge_report.json``).
@@ -124,6 +152,7 @@ def merge(spec: MergeSpec, out: str | Path, *, overwrite: bool = False,
     """
     started = time.perf_counter()
     plan = plan_merge(spec, out, overwrite=overwrite)
+    plan.warnings = list(warnings or [])
     try:
         with AtomicDir(plan.dest, overwrite=overwrite) as tmp:
             faults.pause("before_first_shard")
@@ -154,20 +183,28 @@ def merge_fingerprint(spec: MergeSpec) -> str:
     Returns:
         A hex sha256.
     """
-    params = validate_params(spec.method, spec.params, 1 + len(spec.secondary))
+    params = _fingerprint_params(spec)
     sources = _resolve_all(spec)
     key = {
         "method": spec.method,
-        "params": params.model_dump(mode="json"),
+        "params": params,
         "inputs": [source.fingerprint for source in sources],
         "has_reference": spec.reference is not None,
         "dtype": spec.dtype,
         "seed": spec.seed,
         "scf_version": scf.__version__,
     }
+    if spec.slices:  # only when set: the keys of earlier merges stay valid
+        key["slices"] = [s.model_dump(mode="json") for s in spec.slices]
     if spec.tokenizer_source is not None:  # only then: earlier merges keep their keys
         key["tokenizer_source"] = spec.tokenizer_source
     return hashlib.sha256(json.dumps(key, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _fingerprint_params(spec: MergeSpec) -> Any:
+    """The parameters with defaults filled (plain values) or as written (per-tensor forms)."""
+    resolver = ParamResolver(spec.method, spec.params, _n_models(spec))
+    return resolver.uniform.model_dump(mode="json") if resolver.uniform is not None else spec.params
 
 
 def plan_merge(spec: MergeSpec, out: str | Path, *, overwrite: bool = False) -> MergePlan:
@@ -188,7 +225,8 @@ def plan_merge(spec: MergeSpec, out: str | Path, *, overwrite: bool = False) -> 
     if method.needs_reference and spec.reference is None:
         raise ScfError(f"method {spec.method!r} works on task vectors (model - reference) and needs a "
                        f"reference model (the common ancestor, mergekit's base_model): pass --reference")
-    params = validate_params(spec.method, spec.params, 1 + len(spec.secondary))
+    _check_inputs_for_method(spec)
+    resolver = ParamResolver(spec.method, spec.params, _n_models(spec))
     local_inputs = {label: [Path(ref).expanduser()] for label, ref in _labelled_refs(spec)
                     if Path(ref).expanduser().exists()}
     dest = check_output_dir(out, overwrite=overwrite, inputs=local_inputs)  # before any download
@@ -202,11 +240,16 @@ def plan_merge(spec: MergeSpec, out: str | Path, *, overwrite: bool = False) -> 
         check_not_an_input(dest, {label: [source.path, *checkpoint.files] for label, source, checkpoint
                                   in zip(labels, sources, checkpoints, strict=True)})
         _check_architectures(checkpoints, labels)
-        untied = untie_heads(checkpoints, labels)
-        _check_tensors(checkpoints, labels, spec.tokenizer_source)
-        vocab = plan_vocab(spec.tokenizer_source, checkpoints, sources, labels, untied)
-        outputs = [OutputTensor(name, _output_shape(name, m.shape, vocab), _output_dtype(m.dtype, spec.dtype))
-                   for name, m in checkpoints[0].tensors.items()]
+        if spec.slices:  # inputs may differ in depth; only the tensors taken are read
+            _check_no_float8(checkpoints, labels)
+            vocab = VocabPlan()  # the base's tokenizer (tokenizer_source is at most 'base' here)
+            layout = _slice_layout(spec, checkpoints, labels, resolver)
+        else:
+            untied = untie_heads(checkpoints, labels)
+            _check_tensors(checkpoints, labels, spec.tokenizer_source)
+            vocab = plan_vocab(spec.tokenizer_source, checkpoints, sources, labels, untied)
+            layout = _whole_model_layout(checkpoints, resolver, spec.dtype, vocab)
+        outputs, loads, tensor_params, config_updates = layout
         _check_memory(method, checkpoints, device)
         check_free_space(existing_ancestor(dest), sum(t.nbytes for t in outputs) + 2**20)
     except BaseException:
@@ -217,14 +260,148 @@ def plan_merge(spec: MergeSpec, out: str | Path, *, overwrite: bool = False) -> 
     if spec.diagnostics:
         shapes = {t.name: t.shape for t in outputs if t.dtype.is_floating_point}
         diagnosed = set(diag.select_matrices(shapes, spec.diagnostic_layers))
-    return MergePlan(spec, method, params, sources, labels, checkpoints, outputs, device, diagnosed, dest,
-                     vocab)
+    first = tensor_params[outputs[0].name] if outputs else validate_params(spec.method, {}, _n_models(spec))
+    described = _describe_params(resolver, first)
+    return MergePlan(spec, method, first, sources, labels, checkpoints, outputs, device, diagnosed, dest,
+                     vocab, tensor_params, loads, described, [], config_updates)
+
+
+_Layout = tuple[list[OutputTensor], dict[str, list[tuple[int, str]]], dict[str, BaseModel], dict[str, Any]]
+
+
+def _n_models(spec: MergeSpec) -> int:
+    """Contributing models per tensor: passthrough's is one (its slices' inputs take turns)."""
+    return 1 if spec.method == "passthrough" else 1 + len(spec.secondary)
+
+
+def _check_inputs_for_method(spec: MergeSpec) -> None:
+    """What only some methods accept: passthrough's inputs, a tokenizer source with its slices."""
+    if spec.slices and spec.tokenizer_source not in (None, "base"):
+        raise ScfError(f"tokenizer_source: {spec.tokenizer_source!r} cannot be combined with slices: "
+                       f"passthrough's stacked layers keep the base's tokenizer (leave it unset or 'base')")
+    if spec.method == "passthrough" and spec.secondary and not spec.slices:
+        raise ScfError("method 'passthrough' copies one model: without slices it takes only the base "
+                       f"(got {len(spec.secondary)} secondaries); give slices to stack layers of several")
+    if spec.method == "passthrough" and spec.reference is not None:
+        raise ScfError("method 'passthrough' takes no reference")
+
+
+def _layer_count(checkpoint: Checkpoint) -> int:
+    """config.json's num_hidden_layers, else one more than the largest layer number in the names."""
+    config = checkpoint.config() or {}
+    count = config.get("num_hidden_layers")
+    if isinstance(count, int) and not isinstance(count, bool) and count > 0:
+        return count
+    indices = [layer_index(name) for name in checkpoint.tensors]
+    return max((i for i in indices if i is not None), default=0) + 1
+
+
+def _whole_model_layout(checkpoints: list[Checkpoint], resolver: ParamResolver, dtype: str,
+                        vocab: VocabPlan) -> _Layout:
+    """Every base tensor (a vocabulary tensor with its planned rows), from the same name of every
+    input, with its parameters."""
+    n_layers = _layer_count(checkpoints[0])
+    outputs, loads, tensor_params = [], {}, {}
+    for name, meta in checkpoints[0].tensors.items():  # by key: an untied LM head is its embedding's meta
+        shape = _output_shape(name, meta.shape, vocab)
+        outputs.append(OutputTensor(name, shape, _output_dtype(meta.dtype, dtype)))
+        loads[name] = [(i, name) for i in range(len(checkpoints))]
+        tensor_params[name] = resolver.for_tensor(name, tensor_position(name, n_layers))
+    return outputs, loads, tensor_params, {}
 
 
 def _output_shape(name: str, shape: tuple[int, ...], vocab: VocabPlan) -> tuple[int, ...]:
     """The base's shape, with the planned row count for a vocabulary tensor."""
     rows = vocab.tensors.get(name)
     return shape if rows is None else (rows.rows, *shape[1:])
+
+
+def _slice_layout(spec: MergeSpec, checkpoints: list[Checkpoint], labels: list[str],
+                  resolver: ParamResolver) -> _Layout:
+    """passthrough's stacked layers: the first slice's embeddings, each slice's layers renumbered
+    from 0 in order, the last slice's final norm and LM head (mergekit's layout).
+
+    Each slice's parameters come before the spec's; a layer's position for gradients is its place
+    in its slice, the embeddings' 0 and the head's 1, and filters see the input tensor's name (all
+    as mergekit evaluates a per-model parameter).
+    """
+    index_of: dict[str, int] = {}
+    for i, ref in enumerate([spec.base, *spec.secondary]):
+        index_of.setdefault(ref, i)
+    resolvers = [ParamResolver(spec.method, compose_params(s.params, resolver.params), 1)
+                 for s in spec.slices]
+    outputs: list[OutputTensor] = []
+    loads: dict[str, list[tuple[int, str]]] = {}
+    tensor_params: dict[str, BaseModel] = {}
+
+    def add(out_name: str, source: int, in_name: str, slice_resolver: ParamResolver, t: float) -> None:
+        meta = checkpoints[source].tensors[in_name]
+        outputs.append(OutputTensor(out_name, meta.shape, _output_dtype(meta.dtype, spec.dtype)))
+        loads[out_name] = [(source, in_name)]
+        tensor_params[out_name] = slice_resolver.for_tensor(in_name, t)
+
+    first, last = index_of[spec.slices[0].model], index_of[spec.slices[-1].model]
+    for name in checkpoints[first].tensors:
+        if layer_index(name) is None and before_layers(name):
+            add(name, first, name, resolvers[0], 0.0)
+    out_layer = 0
+    part_shapes: dict[str, tuple[int, ...]] = {}  # layer-0 name of each part -> the shape it has
+    layer_types: list[Any] | None = []  # config.json's per-layer list (sliding or full attention), if any
+    for i, (layer_slice, slice_resolver) in enumerate(zip(spec.slices, resolvers, strict=True)):
+        source = index_of[layer_slice.model]
+        by_layer: dict[int, list[str]] = {}
+        for name in checkpoints[source].tensors:
+            index = layer_index(name)
+            if index is not None:
+                by_layer.setdefault(index, []).append(name)
+        n_layers = _layer_count(checkpoints[source])
+        start, end = layer_slice.layer_range
+        if end > n_layers:
+            raise ScfError(f"slices.{i}.layer_range: [{start}, {end}] goes beyond the {n_layers} layers of "
+                           f"{labels[source]} ({layer_slice.model})")
+        types = (checkpoints[source].config() or {}).get("layer_types")
+        if layer_types is not None and isinstance(types, list) and len(types) == n_layers:
+            layer_types += types[start:end]
+        else:
+            layer_types = None
+        for offset, layer in enumerate(range(start, end)):
+            if layer not in by_layer:
+                raise ScfError(f"slices.{i}: {labels[source]} ({layer_slice.model}) has no tensors of "
+                               f"layer {layer}")
+            t = slice_position(offset, end - start)
+            for name in by_layer[layer]:
+                shape = checkpoints[source].tensors[name].shape
+                _check_stackable(part_shapes, name, shape, i, labels[source])
+                add(renumber(name, out_layer), source, name, slice_resolver, t)
+            out_layer += 1
+    for name in checkpoints[last].tensors:
+        if layer_index(name) is None and not before_layers(name):
+            add(name, last, name, resolvers[-1], 1.0)
+    updates: dict[str, Any] = {"num_hidden_layers": out_layer}
+    if "layer_types" in (checkpoints[0].config() or {}):  # kept in step with the stacked layers
+        if layer_types is None:
+            raise ScfError("slices: config.json's layer_types must list every layer of each sliced model "
+                           "to be stacked with them")
+        updates["layer_types"] = layer_types
+    return outputs, loads, tensor_params, updates
+
+
+def _check_stackable(part_shapes: dict[str, tuple[int, ...]], name: str, shape: tuple[int, ...], index: int,
+                     label: str) -> None:
+    """Every stacked layer's tensor of one part (``self_attn.q_proj.weight``, ...) has one shape."""
+    part = renumber(name, 0)
+    expected = part_shapes.setdefault(part, tuple(shape))
+    if tuple(shape) != expected:
+        raise ScfError(f"slices.{index}: tensor {name!r} of {label} has shape {list(shape)}, but the "
+                       f"layers stacked before it have {list(expected)}: the sliced models must have the "
+                       f"same shapes")
+
+
+def _describe_params(resolver: ParamResolver, first: BaseModel) -> dict[str, Any]:
+    """Parameters for the report: defaults filled, per-tensor forms as written."""
+    if resolver.uniform is not None:
+        return resolver.uniform.model_dump(mode="json")
+    return resolver.describe(first)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -248,12 +425,14 @@ def resolved_spec(plan: MergePlan) -> dict[str, Any]:
     tokenizer_source = plan.spec.tokenizer_source
     if tokenizer_source not in (None, "base", "union"):  # an input: pinned like the inputs
         tokenizer_source = pinned[plan.vocab.source]
+    refs = [plan.spec.base, *plan.spec.secondary]
     resolved = plan.spec.model_copy(update={
         "tokenizer_source": tokenizer_source,
         "base": pinned[0],
         "secondary": pinned[1: 1 + plan.n_secondaries],
         "reference": pinned[-1] if plan.has_reference else None,
-        "params": plan.params.model_dump(mode="json"),
+        "params": plan.described_params,
+        "slices": [s.model_copy(update={"model": pinned[refs.index(s.model)]}) for s in plan.spec.slices],
     }).model_dump(mode="json")
     first = ("base", "secondary", "reference", "method", "params")  # inputs first, for the reader
     return {key: resolved[key] for key in first} | resolved
@@ -303,13 +482,7 @@ def _check_tensors(checkpoints: list[Checkpoint], labels: list[str], tokenizer_s
     (float, integer or bool: a float tensor merged with an integer one would be nonsense; float
     precisions may differ), and no float8 tensor. An embedding or LM head may differ in its row count
     (vocabulary size) only under a ``tokenizer_source`` policy."""
-    for checkpoint, label in zip(checkpoints, labels, strict=True):
-        for meta in checkpoint.tensors.values():
-            if meta.dtype in _FLOAT8:
-                raise ScfError(
-                    f"tensor {meta.name!r} of {label} ({meta.file}) is float8 ({_FLOAT8[meta.dtype]}): "
-                    f"float8 weights are quantized, with their scales in other tensors, and cannot be merged "
-                    f"value by value; dequantize the checkpoint (to bfloat16) first")
+    _check_no_float8(checkpoints, labels)
     base = checkpoints[0]
     for checkpoint, label in zip(checkpoints[1:], labels[1:], strict=True):
         for names, present, absent in (
@@ -335,6 +508,17 @@ def _check_tensors(checkpoints: list[Checkpoint], labels: list[str], tokenizer_s
                                f"({_dtype_kind(meta.dtype)}), {label} has {_dtype_name(other.dtype)} "
                                f"({_dtype_kind(other.dtype)}); only float tensors of any precision can be "
                                f"merged with each other")
+
+
+def _check_no_float8(checkpoints: list[Checkpoint], labels: list[str]) -> None:
+    """Float8 weights are quantized (their scales live in other tensors): refused, naming the tensor."""
+    for checkpoint, label in zip(checkpoints, labels, strict=True):
+        for meta in checkpoint.tensors.values():
+            if meta.dtype in _FLOAT8:
+                raise ScfError(
+                    f"tensor {meta.name!r} of {label} ({meta.file}) is float8 ({_FLOAT8[meta.dtype]}): "
+                    f"float8 weights are quantized, with their scales in other tensors, and cannot be merged "
+                    f"value by value; dequantize the checkpoint (to bfloat16) first")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -371,38 +555,39 @@ class _Prefetcher:
     processes, drops its references, then calls `release`.
     """
 
-    def __init__(self, checkpoints: list[Checkpoint], names: list[str]) -> None:
+    def __init__(self, checkpoints: list[Checkpoint], loads: list[list[tuple[int, str]]]) -> None:
         self.read_seconds = 0.0
-        sizes = [sum(c.tensors[n].nbytes for c in checkpoints) for n in names]
+        sizes = [sum(checkpoints[i].tensors[n].nbytes for i, n in load) for load in loads]
         self._budget = max(sizes, default=0)
         self._alive: deque[int] = deque()  # bytes of each set read and not yet released
         self._cond = threading.Condition()
         self._stopped = False
         self._items: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._run, args=(checkpoints, names, sizes), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(checkpoints, loads, sizes), daemon=True)
         self._thread.start()
 
     def _may_read(self, size: int) -> bool:
         alive = sum(self._alive)
         return self._stopped or not self._alive or (len(self._alive) < 2 and alive + size <= self._budget)
 
-    def _run(self, checkpoints: list[Checkpoint], names: list[str], sizes: list[int]) -> None:
+    def _run(self, checkpoints: list[Checkpoint], loads: list[list[tuple[int, str]]],
+             sizes: list[int]) -> None:
         try:
-            for name, size in zip(names, sizes, strict=True):
+            for load, size in zip(loads, sizes, strict=True):
                 with self._cond:
                     self._cond.wait_for(lambda size=size: self._may_read(size))
                     if self._stopped:
                         return
                     self._alive.append(size)
                 started = time.perf_counter()
-                tensors = [checkpoint.load(name) for checkpoint in checkpoints]
+                tensors = [checkpoints[i].load(name) for i, name in load]
                 self.read_seconds += time.perf_counter() - started
-                self._items.put((name, tensors))
+                self._items.put(tensors)
         except BaseException as exc:  # handed to the consumer, raised there
             self._items.put(exc)
 
-    def get(self) -> tuple[str, list[torch.Tensor]]:
-        """The next (name, [tensor of each input]) in order; re-raises a reader error."""
+    def get(self) -> list[torch.Tensor]:
+        """The next tensor set (one tensor per load) in order; re-raises a reader error."""
         item = self._items.get()
         if isinstance(item, BaseException):
             raise item
@@ -426,8 +611,7 @@ def _execute(plan: MergePlan, out_dir: Path, progress: bool) -> dict[str, Any]:
     """Fuse every tensor into ``out_dir`` and return the report (without total time and RSS)."""
     metadata = {"scf_method": plan.spec.method, "scf_version": scf.__version__}
     writer = BackgroundWriter(ShardedWriter(out_dir, plan.outputs, plan.spec.shard_size_bytes, metadata))
-    names = [t.name for t in plan.outputs]
-    reader = _Prefetcher(plan.checkpoints, names)
+    reader = _Prefetcher(plan.checkpoints, [plan.loads[t.name] for t in plan.outputs])
     records: list[dict[str, Any]] = []
     timings = {"read_seconds": 0.0, "compute_seconds": 0.0, "write_seconds": 0.0}
     diagnostics: dict[str, dict[str, float] | None] = {}
@@ -435,12 +619,12 @@ def _execute(plan: MergePlan, out_dir: Path, progress: bool) -> dict[str, Any]:
     try:
         bar = tqdm(plan.outputs, desc=f"merge {plan.spec.method}", unit="tensor", disable=not progress)
         for output in bar:
-            name, tensors = reader.get()
+            tensors = reader.get()
             fused, record = _merge_tensor(plan, output, tensors, workspace, diagnostics)
             del tensors
             reader.release()
             timings["compute_seconds"] += record["seconds"]
-            writer.write(name, fused)  # written by a thread while the next tensor is computed
+            writer.write(output.name, fused)  # written by a thread while the next tensor is computed
             del fused
             records.append(record)
         writer.finish()
@@ -460,35 +644,45 @@ def _merge_tensor(plan: MergePlan, output: OutputTensor, tensors: list[torch.Ten
     """Fuse, check and measure one tensor; returns it (output dtype) and its report entry."""
     started = time.perf_counter()
     name = output.name
-    if not tensors[0].dtype.is_floating_point:  # integer buffers: keep the base's
+    loads = plan.loads[name]
+    params = plan.tensor_params[name]
+    keys = ["base", *(f"secondary_{i}" for i in range(plan.n_secondaries))]
+    if not tensors[0].dtype.is_floating_point:  # integer buffers: keep the (first) input's
         fused = tensors[0]
-        untouched = {f"secondary_{i}": 0.0 for i in range(plan.n_secondaries)}
-        fractions = {"base": 1.0, **untouched, "neither": 0.0}
+        fractions = {**dict.fromkeys(keys, 0.0), keys[loads[0][0]]: 1.0, "neither": 0.0}
     else:
-        inputs = [_to_device(t, name, label, plan) for t, label in zip(tensors, plan.labels, strict=True)]
+        inputs = [_to_device(t, in_name, plan.labels[i], plan)
+                  for t, (i, in_name) in zip(tensors, loads, strict=True)]
         tensors.clear()  # the caller's list: drop the originals once moved (or upcast)
-        fused, fractions = _fuse(plan, output, inputs, workspace, diagnostics)
+        fused, fractions = _fuse(plan, output, inputs, params, workspace, diagnostics)
         del inputs
+        if plan.passthrough:  # one input per tensor: its share goes to that input's key
+            fractions = {**dict.fromkeys(keys, 0.0), keys[loads[0][0]]: fractions["base"],
+                         "neither": fractions["neither"]}
     record = {"name": name, "shape": list(output.shape), "dtype": str(output.dtype).removeprefix("torch."),
               "fraction_from": fractions, "sparsity": fractions["base"],
               "seconds": time.perf_counter() - started}
+    if plan.passthrough and loads[0][1] != name:
+        record["source"] = {"model": plan.labels[loads[0][0]], "tensor": loads[0][1]}
+    if plan.described_params != plan.params.model_dump(mode="json") or plan.spec.slices:
+        record["params"] = params.model_dump(mode="json")  # per-tensor forms: what this tensor got
     return fused, record
 
 
-def _fuse(plan: MergePlan, output: OutputTensor, inputs: list[torch.Tensor], workspace: Workspace,
-          diagnostics: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+def _fuse(plan: MergePlan, output: OutputTensor, inputs: list[torch.Tensor], params: BaseModel,
+          workspace: Workspace, diagnostics: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
     """Run the method on one float tensor (a vocabulary tensor: on the rows every model has, so its
     whole-tensor statistics see those rows only), check it, and measure where its values come from."""
     name = output.name
     rows = plan.vocab.tensors.get(name)
     merged = inputs if rows is None else [t[: rows.common] for t in inputs]
     target = output if rows is None else OutputTensor(name, (rows.common, *output.shape[1:]), output.dtype)
-    models = merged[: 1 + plan.n_secondaries]
+    models = merged[: 1 + plan.n_secondaries]  # passthrough: its one input
     generator = torch.Generator(device=plan.device).manual_seed(tensor_seed(plan.spec.seed, name))
     reference = merged[-1] if plan.has_reference else None
     method_inputs = TensorInputs(name, models[0], models[1:], reference, generator, workspace,
                                  out_dtype=output.dtype)
-    fused = plan.method.fn(method_inputs, plan.params)
+    fused = plan.method.fn(method_inputs, params)
     fused = _check_fused(fused, target, plan.spec.method)
     fractions = fraction_from(fused, models)
     if name in plan.diagnosed:  # None marks a matrix too large to diagnose cheaply
@@ -611,7 +805,7 @@ def _report(plan: MergePlan, records: list[dict[str, Any]], timings: dict[str, f
     dtypes = {r["dtype"] for r in records}
     report: dict[str, Any] = {
         "method": plan.spec.method,
-        "params": plan.params.model_dump(mode="json"),
+        "params": plan.described_params,
         "inputs": {
             "base": plan.sources[0].as_report(),
             "secondaries": [s.as_report() for s in plan.sources[1: 1 + plan.n_secondaries]],
@@ -626,9 +820,12 @@ def _report(plan: MergePlan, records: list[dict[str, Any]], timings: dict[str, f
         "tensors": records,
         "timings": {"total_seconds": 0.0, **timings},
         "peak_rss_bytes": 0,
+        "warnings": plan.warnings,
     }
     if plan.vocab.policy is not None or plan.vocab.untied:
         report["vocabulary"] = plan.vocab.report(plan.labels)
+    if plan.spec.slices:
+        report["slices"] = [s.model_dump(mode="json") for s in plan.spec.slices]
     if plan.spec.diagnostics:
         report["diagnostics"] = {
             "top_k": diag.DEFAULT_TOP_K,
@@ -687,12 +884,13 @@ def _chat_template_origin(out_dir: Path, source_label: str) -> dict[str, str] | 
 
 def _output_config(plan: MergePlan) -> dict[str, Any] | None:
     """The base's config.json with what this merge changed, or None when nothing changed (copied as is):
-    the dtype of an explicit ``--dtype``, ``vocab_size`` (the output's rows), ``tie_word_embeddings``
-    (false once an LM head is written for a tied base) and the special token ids of the tokenizer source."""
+    the layout's ``config_updates`` (passthrough's layer count), the dtype of an explicit ``--dtype``,
+    ``vocab_size`` (the output's rows), ``tie_word_embeddings`` (false once an LM head is written for a
+    tied base) and the special token ids of the tokenizer source."""
     config = plan.checkpoints[0].config()  # a JSON object: checked when the merge was planned
     if config is None:
         return None
-    updates: dict[str, Any] = {}
+    updates: dict[str, Any] = dict(plan.config_updates)
     if plan.spec.dtype != "auto":
         keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
         updates |= dict.fromkeys(keys, plan.spec.dtype)

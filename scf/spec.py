@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from scf.errors import ScfError, short_repr
 from scf.yamlsafe import load_yaml
@@ -87,6 +87,29 @@ class EngineSettings(BaseModel):
         return parse_size(self.shard_size)
 
 
+class LayerSlice(BaseModel):
+    """One run of layers of one input model, for ``passthrough``'s ``slices``.
+
+    Attributes:
+        model: the input (the same string as ``base`` or one of ``secondary``).
+        layer_range: ``[start, end)``, layer numbers of that model.
+        params: parameters for this slice's tensors (any per-tensor form), before the spec's ``params``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    layer_range: tuple[int, int]
+    params: dict[str, Any] = {}
+
+    @field_validator("layer_range")
+    @classmethod
+    def _ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if not 0 <= value[0] < value[1]:
+            raise ValueError(f"must be [start, end) with 0 <= start < end, got {list(value)}")
+        return value
+
+
 class MergeSpec(EngineSettings):
     """One merge: inputs, method, parameters and output settings (the `EngineSettings` fields too).
 
@@ -106,10 +129,13 @@ class MergeSpec(EngineSettings):
             embedding and LM head are merged over the rows every model has; the other rows, the
             tokenizer files and the generation config come from that input. None: mismatched
             vocabularies are an error.
+        slices: ``passthrough`` only: the output's layers, in order, each a range of layers of one
+            input (``base`` or a ``secondary``), renumbered from 0; the embeddings come from the
+            first slice's model, the final norm and LM head from the last one's (mergekit's rule).
     """
 
     base: str
-    secondary: list[str] = Field(min_length=1)
+    secondary: list[str] = []
     reference: str | None = None
     method: str = "scf_rkl"
     params: dict[str, Any] = {}
@@ -117,6 +143,18 @@ class MergeSpec(EngineSettings):
     diagnostic_layers: list[str] = []
     allow_pickle: bool = False
     tokenizer_source: str | None = None
+    slices: list[LayerSlice] = []
+
+    @model_validator(mode="after")
+    def _slices_name_inputs(self) -> MergeSpec:
+        if self.slices and self.method != "passthrough":
+            raise ValueError(f"slices: only method passthrough stacks layer slices "
+                             f"(method is {self.method!r})")
+        inputs = [self.base, *self.secondary]
+        for i, layer_slice in enumerate(self.slices):
+            if layer_slice.model not in inputs:
+                raise ValueError(f"slices.{i}.model: {layer_slice.model!r} is neither base nor a secondary")
+        return self
 
 
 def spec_from_mapping(data: Mapping[str, Any], origin: str) -> MergeSpec:

@@ -14,8 +14,8 @@ from scf.methods.registry import METHODS, MethodSpec, get_method, validate_param
 
 EXPECTED = {"scf_rkl", "scf_kl", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "sce",
             "slerp", "nuslerp", "multislerp", "della", "della_linear", "breadcrumbs", "breadcrumbs_ties",
-            "model_stock", "nearswap"}
-NO_REFERENCE = {"scf_rkl", "scf_kl", "linear", "slerp", "nuslerp", "multislerp", "nearswap"}
+            "model_stock", "nearswap", "passthrough"}
+NO_REFERENCE = {"scf_rkl", "scf_kl", "linear", "slerp", "nuslerp", "multislerp", "nearswap", "passthrough"}
 
 
 def test_every_method_is_registered_with_a_complete_spec() -> None:

@@ -70,8 +70,9 @@ def test_stored_dtype_equals_float32_upcast(method: str, dtype: torch.dtype, sha
 
     from_stored = run(models, reference)
     from_float32 = run([t.float() for t in models], None if reference is None else reference.float())
-    # SCF copies values, so it may keep the stored dtype; the others compute in float32.
-    assert from_stored.dtype == (dtype if method.startswith("scf") else torch.float32)
+    # SCF and passthrough copy values, so they may keep the stored dtype; the others compute in float32.
+    copies = method.startswith("scf") or method == "passthrough"
+    assert from_stored.dtype == (dtype if copies else torch.float32)
     assert torch.equal(from_stored.float(), from_float32)
     fresh = _stored_pair(dtype, shape, len(stored) - 1)
     assert all(torch.equal(a, b) for a, b in zip(stored, fresh, strict=True))  # inputs untouched

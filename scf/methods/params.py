@@ -186,6 +186,12 @@ class NearswapParams(MethodParams):
                                          "the secondary by min(1, t / |base - secondary|)")
 
 
+class PassthroughParams(MethodParams):
+    """Parameters of `passthrough` (mergekit's: an optional ``scale``)."""
+
+    scale: float | None = Field(None, description="multiply every copied tensor by this (none: copy exactly)")
+
+
 # --- the task-arithmetic family -------------------------------------------------------------------
 
 

@@ -6,11 +6,10 @@ below. Nothing registers itself on import, and this module imports no torch: eac
 function as ``"module:function"``, imported on first use (``MethodSpec.fn``), so listing methods
 and validating parameters stay fast (as lm-eval's ``MODEL_MAPPING`` names its backends).
 
-Not here yet: mergekit's ``passthrough`` (copy one model's tensors, optionally scaled, for layer-
-stacking "frankenmerges"). It needs the engine to map output tensor names to input layer slices;
-once the engine resolves a slice per output tensor, passthrough is a method that takes exactly one
-model and a ``scale`` parameter, registered here like any other. (Also a candidate: directional
-alignment, arXiv 2512.00391, once its algorithm is specified in enough detail to implement.)
+``passthrough`` copies one input tensor per output tensor (optionally scaled); with the spec's
+``slices`` the engine maps each output layer to a layer of one input (frankenmerges). (A candidate
+for later: directional alignment, arXiv 2512.00391, once its algorithm is specified in enough
+detail to implement.)
 
 Example:
     >>> spec = get_method("linear")
@@ -304,6 +303,21 @@ METHODS: dict[str, MethodSpec] = {
         summary="SCE: select high-variance entries, weight task vectors by mean square, erase minority signs",
         stored_dtype=True,
     ),
+    "passthrough": MethodSpec(
+        name="passthrough",
+        function="scf.methods.passthrough:passthrough",
+        params=p.PassthroughParams,
+        needs_reference=False,
+        per_model_params=(),
+        reference_url="https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md",
+        summary=(
+            "Copy each tensor from one input, times `scale` if given; with `slices`, stack layer "
+            "ranges of the inputs into a new model (frankenmerge), layers renumbered. mergekit "
+            "`passthrough`."
+        ),
+        stored_dtype=True,
+        secondaries=(0, 0),  # the other inputs of `slices` are layer sources, not secondaries
+    ),
 }
 
 
@@ -365,6 +379,9 @@ def _check_model_count(spec: MethodSpec, n_models: int) -> None:
     n_secondaries = n_models - 1
     if fewest <= n_secondaries and (most is None or n_secondaries <= most):
         return
+    if most == 0:
+        raise ScfError(f"method {spec.name!r} copies the base alone (no secondaries; passthrough stacks the "
+                       f"layers of several models with slices), got {n_secondaries} secondaries")
     if most == fewest:
         wanted = f"exactly {fewest} secondar{'y' if fewest == 1 else 'ies'}"
     elif most is None:
