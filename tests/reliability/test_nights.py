@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sqlite3
@@ -68,10 +69,8 @@ def _no_night_outlives_its_test():
         night = STARTED.pop()
         if night.is_running():
             for process in [*night.children(recursive=True), night]:
-                try:
+                with contextlib.suppress(psutil.Error):
                     process.kill()
-                except psutil.Error:
-                    pass
 
 
 def _night_process(config: Path, api_url: str, **env: str) -> psutil.Popen:
