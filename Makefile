@@ -27,8 +27,10 @@ demo: install
 lint: install
 	$(PY) -m ruff check .
 
+# Two workers, one test file each at a time: most tests wait on child processes and servers, so
+# two files in parallel use both cores (a file's module fixtures stay in one worker).
 test: install lint
-	HF_HUB_OFFLINE=1 $(PY) -m pytest
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) .scf .pytest_cache

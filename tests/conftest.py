@@ -33,7 +33,17 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_zoo() -> Path:
-    """The `tiny` toy zoo (base + specialists), built once and cached by its build settings."""
+    """The `tiny` toy zoo (base + specialists), built once and cached by its build settings.
+
+    Under pytest-xdist every worker asks for it: a lock lets one build while the others wait, then
+    reuse it (build_zoo alone is safe, but would train the same zoo once per worker).
+    """
+    import fcntl
+
     from evals.zoo import build_zoo, default_zoo_dir
 
-    return build_zoo(default_zoo_dir("tiny", seed=0), size="tiny", seed=0, progress=False)
+    out = default_zoo_dir("tiny", seed=0)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / ".tiny-seed0.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return build_zoo(out, size="tiny", seed=0, progress=False)

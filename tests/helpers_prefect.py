@@ -125,4 +125,21 @@ def prefect_server_process(home: Path) -> Iterator[PrefectServer]:
         wait_healthy(f"{api_url}/health", server, log, PROCESS_START_S)
         yield PrefectServer(api_url=api_url, env=env, home=home)
     finally:
+        drain_prefect_clients()
         stop_process(server)
+
+
+def drain_prefect_clients() -> None:
+    """Send this process's pending Prefect events and logs, and stop the workers that send them.
+
+    What prefect_test_harness does on exit. Without it, the events worker a test started against
+    its server lives on, still bound to that server once it is stopped: the next module's flows
+    then queue their events to a dead address, and the next harness's exit waits on that queue for
+    ever (seen as a 900 s timeout in test_racing, right after test_pool).
+    """
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    with contextlib.suppress(RuntimeError):  # never started
+        APILogWorker.drain_all(timeout=30)
+    EventsWorker.drain_all(timeout=30)

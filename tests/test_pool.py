@@ -75,6 +75,19 @@ class Workers:
         submitted = _ids_after(lines, f"Worker '{name}' submitting flow run '")
         return submitted - _ids_after(lines, "Aborted submission of flow run '")
 
+    def wait_until_running_a_step(self, name: str, deadline: float) -> None:
+        """Wait until the worker's flow run has a merge or evaluation child (on a busy machine the
+        flow-run process starts seconds after the worker logs its submission)."""
+        root = psutil.Process(self.processes[name][0].pid)
+        while time.monotonic() < deadline:
+            for member in root.children(recursive=True):
+                try:
+                    if member.environ().get("SCF_STEP_LABEL"):
+                        return
+                except psutil.Error:
+                    continue
+            time.sleep(0.2)
+
     def kill(self, name: str) -> None:
         """SIGKILL a worker and every process it started, as when its machine dies."""
         root = psutil.Process(self.processes[name][0].pid)
@@ -180,7 +193,7 @@ def test_a_night_survives_a_worker_killed_mid_candidate(
         while time.monotonic() < deadline and not (new := workers.ran("w1") - before):
             time.sleep(0.2)
         if new:
-            time.sleep(3)  # it has started the run
+            workers.wait_until_running_a_step("w1", deadline)  # not just submitted: really started
             workers.kill("w1")
             killed.extend(new)
 

@@ -20,7 +20,10 @@ from evals.suites import evaluate
 
 # Each specialist's own figure on the toy suite, and which way is better.
 OWN_METRIC = {"math": "toy_math.exact_match", "strings": "toy_strings.exact_match", "safety": "refusal_rate"}
-MARGIN = 0.30
+# How far a specialist must beat the base on its own task. Not more: the base learns some math
+# (0.65-0.71 on seed 0, by machine: training is bit-reproducible on one CPU, but other CPUs' float
+# kernels train slightly different models), and the math specialist can only reach 1.0.
+MARGIN = 0.20
 
 
 def _card(zoo_dir: Path) -> dict:

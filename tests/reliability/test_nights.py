@@ -69,7 +69,7 @@ def _no_night_outlives_its_test():
         night = STARTED.pop()
         if night.is_running():
             for process in [*night.children(recursive=True), night]:
-                with contextlib.suppress(psutil.Error):  # already gone
+                with contextlib.suppress(psutil.Error):
                     process.kill()
 
 
