@@ -44,6 +44,6 @@ def tiny_zoo() -> Path:
 
     out = default_zoo_dir("tiny", seed=0)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / ".tiny-seed0.lock", "a") as lock:
+    with open(out.parent / "tiny-seed0.lock", "a") as lock:  # not ".tiny-seed0.*": build leftovers
         fcntl.flock(lock, fcntl.LOCK_EX)
         return build_zoo(out, size="tiny", seed=0, progress=False)

@@ -21,10 +21,10 @@ pytestmark = pytest.mark.slow
 # only the math parent keeps math; one of almost only the strings parent has lost it.
 CANDIDATES = [
     {"method": "linear", "params": {"weight": [0.9, 0.1]}},  # the winner
-    {"method": "linear", "params": {"weight": [0.1, 0.9]}},  # hopeless: proven to fail at 25%
+    {"method": "linear", "params": {"weight": [0.1, 0.9]}},  # hopeless: proven to fail at 50%
 ]
-WINNER, HOPELESS = "linear-weight=[0.9, 0.1]", "linear-weight=[0.1, 0.9]"
-LIMIT = 40  # items per benchmark: 10 in the first stage, which already prove the hopeless one fails
+WINNER, HOPELESS = "linear-weight=[0.9,0.1]", "linear-weight=[0.1,0.9]"
+LIMIT = 40  # items per benchmark: 20 in the first stage, which already prove the hopeless one fails
 GATE = {
     "benchmarks": {"toy_math.exact_match": {"tolerance": 0.3}},
     "min_items": 20,
@@ -38,7 +38,7 @@ def race(tiny_zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     from flows.nightly import nightly
 
     root = tmp_path_factory.mktemp("racing")
-    evaluation = {"suite": "toy", "device": "cpu", "limit": LIMIT, "racing": {"stages": [0.25, 0.5, 1.0]},
+    evaluation = {"suite": "toy", "device": "cpu", "limit": LIMIT, "racing": {"stages": [0.5, 1.0]},
                   "gen": {"max_new_tokens": 32, "batch_size": 40}}
     path = write_config(root, name="racing", candidates=CANDIDATES, gate=GATE, eval=evaluation)
     with prefect_test_harness(server_startup_timeout=120):
@@ -56,10 +56,10 @@ def _items(race: dict, model_id: str) -> dict[str, int]:
 def test_a_hopeless_candidate_is_stopped_at_the_first_stage(race: dict) -> None:
     hopeless = next(c for c in race["first"]["candidates"] if c["label"] == HOPELESS)
     assert hopeless["decision"] == "rejected"
-    assert hopeless["reasons"] and all(r.startswith("stopped at 25%: ") for r in hopeless["reasons"])
-    assert any(r.startswith("stopped at 25%: toy_math.exact_match: -") and r.endswith(": fails")
+    assert hopeless["reasons"] and all(r.startswith("stopped at 50%: ") for r in hopeless["reasons"])
+    assert any(r.startswith("stopped at 50%: toy_math.exact_match: -") and r.endswith(": fails")
                for r in hopeless["reasons"]), hopeless["reasons"]
-    assert _items(race, hopeless["id"]) == {"toy_math": LIMIT // 4, "toy_strings": LIMIT // 4}
+    assert _items(race, hopeless["id"]) == {"toy_math": LIMIT // 2, "toy_strings": LIMIT // 2}
 
 
 def test_the_winner_runs_every_stage_and_is_promoted(race: dict) -> None:
