@@ -68,9 +68,9 @@ class Sources(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid")
-    base: str = Field(min_length=1)
-    secondary: list[str] = Field(min_length=1)
-    reference: str | None = None
+    base: str = Field(min_length=1, description="the model whose behaviour is preserved")
+    secondary: list[str] = Field(min_length=1, description="one or more models contributing capabilities")
+    reference: str | None = Field(None, description="the common ancestor (task-vector methods need it)")
 
     @field_validator("secondary", mode="before")
     @classmethod
