@@ -339,7 +339,8 @@ def report(summary: dict[str, Any], config_path: Path) -> str:
     lines.append(f"Reused from cache: {merges}/{total} merges, {evals}/{total} candidate evaluations.")
     lines += [
         "Where to look:",
-        f"  MLflow:  {tracking.ui_command(summary['mlflow_uri'])}",
+        f"  MLflow:  {tracking.ui_command(summary['mlflow_uri'])}, then the runs view "
+        f"#/experiments/{summary['mlflow_experiment_id']}/runs?{tracking.RUNS_VIEW_QUERY}",
         f"  DuckDB:  {summary['duckdb']}  (scf results --config {config_path})",
         f"  Plots:   {Path(summary['workdir']) / 'plots'}",
     ]
