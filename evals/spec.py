@@ -34,6 +34,11 @@ REFUSED = "refused"  # 1.0 when the response was judged a refusal
 # Hex digits of the content hash in an item id: with the position beside it, plenty to tell edits apart.
 ITEM_HASH_CHARS = 12
 GENERATION_METRICS = (REPETITION_RATE, MEAN_SEQ_REP_4, TRUNCATION_RATE, REFUSAL_RATE, OVER_REFUSAL_RATE)
+# The figures candidates are compared by (the gated scores, repetition and refusal rates, sparsity and
+# the decision) are logged once more under this prefix, so that they sort together as one column group
+# in MLflow's runs table: ``compare.toy_math.exact_match``, ``compare.repetition_rate``, ...
+COMPARE_PREFIX = "compare."
+COMPARE_DECISION = "decision"  # compare.decision: 2 promoted, 1 passed, 0 rejected (or failed)
 
 
 class GenParams(BaseModel):

@@ -29,9 +29,21 @@ from prefect.states import Failed, State
 from evals.spec import EvalReport
 from scf.spec import MergeSpec
 from tasks import plots, results_db, steps, tracking
-from tasks.config import ZOO_PREFIX, Candidate, PipelineConfig, candidate_id, load_config, parent_id
+from tasks.config import (
+    REQUEST_NAME,
+    ZOO_PREFIX,
+    Candidate,
+    EvalChoice,
+    MethodName,
+    PipelineConfig,
+    Sources,
+    Storage,
+    candidate_id,
+    parent_id,
+    request_config,
+)
 from tasks.errors import NightFailed, PipelineError, StepFailed
-from tasks.gate import GateDecision
+from tasks.gate import GateDecision, GatePolicy
 
 
 @dataclass
@@ -107,27 +119,18 @@ class ModelResult:
         return self.failure is not None
 
 
-def start(
-    config_path: str,
-    run_kind: str,
-    *,
-    tracked: bool = True,
-    sources: dict[str, Any] | None = None,
-    **overrides: Any,
-) -> RunContext:
-    """Load the config, resolve the sources and (when ``tracked``) open this flow run's MLflow run.
+def start(config: PipelineConfig, run_kind: str, origin: str, *, tracked: bool = True) -> RunContext:
+    """Resolve the sources of a validated config and (when ``tracked``) open this flow run's MLflow run.
 
     Args:
-        config_path: the pipeline YAML.
+        config: the run's config (``tasks.config.request_config``: validated before any work).
         run_kind: ``nightly`` or ``merge-and-evaluate`` (the MLflow run name prefix).
+        origin: where the config came from (its path, or ``run parameters``), an MLflow param.
         tracked: open the MLflow experiment and run (pool runs leave tracking to the night).
-        sources: replaces the config's ``sources`` (a pool run gets the night's pinned revisions).
-        **overrides: top-level config keys to replace.
 
     Returns:
         The run context.
     """
-    config = load_config(config_path, sources=sources, **overrides)
     steps.load_secrets(config.secrets)  # before anything reaches the hub or MLflow
     refs = {**config.sources.parents()}
     if config.sources.reference is not None:
@@ -139,7 +142,7 @@ def start(
         return RunContext(config, resolved, None, None, flow_run_id, storage)
     uri = config.mlflow_uri
     exp_id = tracking.experiment_id(uri, config.name, config.workdir / "mlartifacts")
-    params = {"config_path": str(config_path), "config_name": config.name, "prefect_flow_run": flow_run_id}
+    params = {"config_path": origin, "config_name": config.name, "prefect_flow_run": flow_run_id}
     mlflow_run_id = tracking.start_run(
         uri,
         exp_id,
@@ -472,6 +475,7 @@ def record_result(ctx: RunContext, result: ModelResult) -> ModelResult:
         result.report,
         result.merge_report,
         str(config.workdir / "artifacts" / record.id),
+        tuple(config.gate.benchmarks),
     )
     steps.store_results(
         ctx.db_path, config.name, record.label, record, result.report, result.merge_report, run_id
@@ -522,7 +526,7 @@ def decide(ctx: RunContext, results: list[ModelResult]) -> list[GateDecision]:
     steps.record_decisions(ctx.db_path, config.name, decisions, str(ctx.flow_run_id), champion_path)
     for verdict in decisions:
         result = by_id[verdict.candidate_id]
-        tracking.set_tags(config.mlflow_uri, result.mlflow_run_id, {"gate.decision": verdict.decision})
+        tracking.log_decision(config.mlflow_uri, result.mlflow_run_id, verdict.decision)
         logger.info("gate %s: %s; %s", result.record.label, verdict.decision, "; ".join(verdict.reasons))
     _delete_losers(ctx, results)
     return decisions
@@ -555,6 +559,7 @@ def finish(ctx: RunContext, results: list[ModelResult], decisions: list[GateDeci
     if fractions:
         figures.append(plots.parameter_sources(fractions, plot_dir / "parameter_sources.png"))
     tracking.log_artifacts(config.mlflow_uri, ctx.mlflow_run_id, figures, artifact_path="plots")
+    tracking.log_leaderboard(config.mlflow_uri, ctx.mlflow_run_id, entries)
     tracking.finish_run(config.mlflow_uri, ctx.mlflow_run_id)
     verdicts = {d.candidate_id: d for d in decisions}
     champion = results_db.champion(Path(ctx.db_path), config.name)
@@ -609,43 +614,72 @@ def judge(ctx: RunContext, parents: list[ModelResult], candidates: list[ModelRes
 
 
 def _run_name() -> str:
+    """``merge-and-evaluate-<config or method>[-<candidate>]``."""
     parameters = runtime.flow_run.parameters
-    candidate = parameters.get("candidate") or parameters.get("parent")
-    return f"merge-and-evaluate-{Path(parameters['config_path']).stem}" + (
-        f"-{candidate}" if candidate else ""
-    )
+    base = parameters.get("config_path")
+    what = Path(base).stem if base else (parameters.get("name") or REQUEST_NAME)
+    candidate = parameters.get("candidate") or parameters.get("parent") or parameters.get("method")
+    return f"merge-and-evaluate-{what}" + (f"-{candidate}" if candidate else "")
 
 
 @flow(name="merge-and-evaluate", flow_run_name=_run_name)
 def merge_and_evaluate(
-    config_path: str,
+    config_path: str | None = None,
+    sources: Sources | None = None,
+    method: MethodName | None = None,
+    params: dict[str, Any] | None = None,
+    evaluation: EvalChoice | None = None,
+    gate: GatePolicy | None = None,
+    gate_config: str | None = None,
+    name: str | None = None,
+    storage: Storage | None = None,
     candidate: str | None = None,
     keep_candidates: bool | None = None,
     store: bool = True,
     parent: str | None = None,
-    sources: dict[str, Any] | None = None,
 ) -> Any:
-    """Merge and evaluate one candidate of a pipeline config, then gate it against the champion.
+    """Merge and evaluate one candidate, then gate it against the champion.
+
+    The candidate is one of a config's (``config_path`` and ``candidate``), or the one this run's
+    parameters describe (``sources``, ``method``, ``params``, ``evaluation``, ``gate`` or
+    ``gate_config``), on top of ``config_path`` when one is given. The whole request is validated
+    (``tasks.config.request_config``) before any work.
 
     Args:
-        config_path: the pipeline YAML (e.g. ``configs/demo.yaml``).
-        candidate: the candidate's label (``scf_rkl-alpha=1.5``) or id (prefix); may be left out when
-            the config defines exactly one candidate.
-        keep_candidates: override the config's ``keep_candidates``.
+        config_path: a pipeline YAML on the worker (e.g. ``configs/demo.yaml``): the config, or the
+            base the other fields override. Leave it empty to describe the whole run here.
+        sources: the models: base, one or more secondaries, and the reference (common ancestor) that
+            task-vector methods need. Each is a hub id (``org/model@revision``), a local path or
+            ``zoo:<model>``.
+        method: the merge method (one of the registry's).
+        params: the method's parameters, e.g. ``{"alpha": 1.2}``; unset ones take its defaults.
+        evaluation: the suite, and at most how many items per benchmark and tokens per answer.
+        gate: the promotion gate's policy (benchmarks and tolerances, confidence, limits).
+        gate_config: or a config whose gate to use: a path, or a name in ``configs/`` (``demo``).
+        name: the run's config name: its MLflow experiment and DuckDB rows (default: the config's,
+            or ``on-demand``).
+        storage: where results go (workdir, MLflow URI, DuckDB file); default the config's.
+        candidate: the config's candidate by label (``scf_rkl-alpha=1.5``) or id (prefix); may be left
+            out when there is exactly one candidate (or ``method`` is given).
+        keep_candidates: keep the merged model even when it loses the gate (default: the config's).
         store: log, store and gate (the default). ``False`` (what ``nightly`` asks of pool workers):
             only merge and evaluate, leaving the results in the shared result storage.
         parent: with ``store=False``, evaluate this parent (``base``, ``secondary_0``, ...) instead of
             a candidate.
-        sources: replaces the config's ``sources`` (``nightly`` passes the revisions it pinned).
 
     Returns:
         The run summary (see ``finish``); with ``store=False``, the model's id and cache keys, or a
         Failed state whose message says which step failed and how.
     """
+    request = {"sources": sources, "method": method, "params": params, "evaluation": evaluation,
+               "gate": gate, "gate_config": gate_config, "name": name, "storage": storage}
+    if method is not None and candidate is not None:
+        raise PipelineError("give candidate (one of the config's) or method (a new one), not both")
     if not store:
         return _merge_and_evaluate_for_pool(config_path, candidate, parent, sources)
     started = time.perf_counter()
-    ctx = start(config_path, "merge-and-evaluate", sources=sources, keep_candidates=keep_candidates)
+    config = request_config(config_path, keep_candidates=keep_candidates, **request)
+    ctx = start(config, "merge-and-evaluate", str(config_path or "run parameters"))
     try:
         [plan] = _one(select(ctx, candidate), candidate)
         parents = evaluate_parents(ctx)
@@ -659,10 +693,12 @@ def merge_and_evaluate(
 
 
 def _merge_and_evaluate_for_pool(
-    config_path: str, candidate: str | None, parent: str | None, sources: dict[str, Any] | None
+    config_path: str | None, candidate: str | None, parent: str | None, sources: Sources | None
 ) -> dict[str, str] | State:
     """A pool worker's part of a night: one model merged and evaluated, results left in storage."""
-    ctx = start(config_path, "pool", tracked=False, sources=sources)
+    if config_path is None:
+        raise PipelineError("store=False (a pool run of a night) needs the night's config_path")
+    ctx = start(request_config(config_path, sources=sources), "pool", config_path, tracked=False)
     if parent is not None:
         plans = {plan.role: plan for plan in plan_parents(ctx)}
         if parent not in plans:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger, runtime
 from prefect.futures import PrefectFuture
@@ -40,6 +40,7 @@ from flows.merge_eval import (
     start,
 )
 from tasks import steps, tracking
+from tasks.config import request_config
 from tasks.errors import NightFailed, StepFailed
 from tasks.pool import PoolRun, run_on_pool
 
@@ -55,15 +56,20 @@ def nightly(
     config_path: str,
     keep_candidates: bool | None = None,
     concurrency: int | None = None,
-    mode: str | None = None,
+    mode: Literal["local", "pool"] | None = None,
+    racing: bool | None = None,
 ) -> dict[str, Any]:
     """Merge and evaluate every candidate of a pipeline config, gate them, promote the best.
 
+    Every field but ``config_path`` overrides the config for this night only (empty: the config's).
+
     Args:
-        config_path: the pipeline YAML (e.g. ``configs/demo.yaml``).
-        keep_candidates: override the config's ``keep_candidates``.
-        concurrency: override the config's ``concurrency`` (local mode: evaluations at once).
-        mode: override ``execution.mode`` (``local`` or ``pool``).
+        config_path: the pipeline YAML on the worker (e.g. ``configs/demo.yaml``).
+        keep_candidates: keep every merged model, not only the champion.
+        concurrency: local mode: evaluations at once.
+        mode: ``local`` (this machine) or ``pool`` (each candidate a run on the config's work pool).
+        racing: evaluate in stages and stop candidates already proven to fail (``eval.racing``; on:
+            the config's stages, or 25%, 50%, 100%).
 
     Returns:
         The run summary: stores, champion, and per candidate its status, decision, reasons and what
@@ -71,10 +77,10 @@ def nightly(
     """
     started = time.perf_counter()
     logger = get_run_logger()
-    execution = {"mode": mode} if mode else None
-    ctx = start(
-        config_path, "nightly", keep_candidates=keep_candidates, concurrency=concurrency, execution=execution
+    config = request_config(
+        config_path, keep_candidates=keep_candidates, concurrency=concurrency, mode=mode, racing=racing
     )
+    ctx = start(config, "nightly", config_path)
     try:
         plans = select(ctx, None)
         logger.info("%d candidates: %s", len(plans), ", ".join(plan.label for plan in plans))

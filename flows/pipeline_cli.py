@@ -43,17 +43,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=("local", "pool"),
         help="run candidates on this machine or on the config's work pool (default: execution.mode)",
     )
+    nightly.add_argument(
+        "--racing",
+        choices=("on", "off"),
+        help="evaluate in stages and stop candidates proven to fail (default: the config's eval.racing)",
+    )
     nightly.set_defaults(func=_nightly)
 
     run = subparsers.add_parser(
         "run",
-        help="merge, evaluate and gate one candidate of a pipeline config",
-        description="Run the merge-and-evaluate flow for one candidate (by label, e.g. scf_rkl-alpha=1.5, or "
-        "id prefix); may be left out when the config has one candidate.",
+        help="merge, evaluate and gate one candidate: a config's, or one described by flags",
+        description="Run the merge-and-evaluate flow for one candidate: a config's (--candidate: label, e.g. "
+        "scf_rkl-alpha=1.5, or id prefix; may be left out when the config has one), or the one the flags "
+        "describe (--method, --param, sources, evaluation, gate), on top of --config when given. The same "
+        "request as the Prefect run form, validated the same way.",
     )
-    run.add_argument("--config", type=Path, required=True, help="pipeline YAML")
+    run.add_argument("--config", type=Path, help="pipeline YAML (the base the other flags override)")
     run.add_argument("--candidate", help="candidate label or id prefix (see `scf results`)")
     run.add_argument("--keep-candidates", action="store_true", default=None, help="keep the merged model")
+    form = run.add_argument_group("a candidate no config names (the Prefect run form's fields)")
+    form.add_argument("--base", help="base model: hub id[@revision], local path or zoo:<model>")
+    form.add_argument("--secondary", action="append", help="a secondary model (repeat for several)")
+    form.add_argument("--reference", help="the common ancestor (task-vector methods need it)")
+    form.add_argument("--method", help="merge method (see `scf methods`)")
+    form.add_argument("--param", action="append", metavar="KEY=VALUE", default=[],
+                      help="a method parameter, the value in YAML (alpha=1.2, weight=[0.5,0.5])")
+    form.add_argument("--suite", help="evaluation suite")
+    form.add_argument("--limit", type=int, help="at most this many items per benchmark")
+    form.add_argument("--max-new-tokens", type=int, help="the most tokens generated per prompt")
+    form.add_argument("--gate-config", help="use this config's gate (a path, or a name in configs/)")
+    form.add_argument("--name", help="config name: the MLflow experiment and DuckDB rows (default on-demand)")
     run.set_defaults(func=_run)
 
     results = subparsers.add_parser(
@@ -90,34 +109,55 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _nightly(args: argparse.Namespace) -> int:
-    from flows.nightly import nightly
-    from tasks.config import load_config
+    from tasks.config import request_config
 
-    config = load_config(args.config)  # fail fast on a bad config, before Prefect starts
-    return _run_flow(
-        config,
-        args.config,
-        lambda: nightly(
-            config_path=str(args.config),
-            keep_candidates=args.keep_candidates,
-            concurrency=args.concurrency,
-            mode=args.mode,
-        ),
-    )
+    racing = None if args.racing is None else args.racing == "on"
+    overrides = {"keep_candidates": args.keep_candidates, "concurrency": args.concurrency, "mode": args.mode,
+                 "racing": racing}
+    config = request_config(args.config, **overrides)  # fail fast on a bad config, before Prefect starts
+    from flows.nightly import nightly  # Prefect and MLflow: only once the config is known to be good
+
+    return _run_flow(config, args.config, lambda: nightly(config_path=str(args.config), **overrides))
 
 
 def _run(args: argparse.Namespace) -> int:
-    from flows.merge_eval import merge_and_evaluate
-    from tasks.config import load_config
+    from tasks.config import request_config
 
-    config = load_config(args.config)
+    request = run_request(args)
+    config = request_config(args.config, keep_candidates=args.keep_candidates, **request)  # fail fast
+    from flows.merge_eval import merge_and_evaluate
+
+    config_path = str(args.config) if args.config else None
     return _run_flow(
         config,
-        args.config,
+        args.config or Path("(run parameters)"),
         lambda: merge_and_evaluate(
-            config_path=str(args.config), candidate=args.candidate, keep_candidates=args.keep_candidates
+            config_path=config_path, candidate=args.candidate, keep_candidates=args.keep_candidates, **request
         ),
     )
+
+
+def run_request(args: argparse.Namespace) -> dict[str, Any]:
+    """``scf run``'s flags as the merge-and-evaluate flow's typed parameters (unset ones left out)."""
+    from scf.yamlsafe import load_yaml
+
+    if args.config is None and args.method is None:
+        raise PipelineError("scf run needs --config (a pipeline YAML) or --method (and the other flags)")
+    request: dict[str, Any] = {"method": args.method, "gate_config": args.gate_config, "name": args.name}
+    if args.param:
+        request["params"] = {}
+        for item in args.param:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise PipelineError(f"--param {item!r}: write KEY=VALUE (alpha=1.2)")
+            request["params"][key] = load_yaml(value, f"--param {key}") if value else None
+    if args.base or args.secondary or args.reference:
+        request["sources"] = {"base": args.base, "secondary": args.secondary or [],
+                              "reference": args.reference}
+    evaluation = {"suite": args.suite, "limit": args.limit, "max_new_tokens": args.max_new_tokens}
+    if any(value is not None for value in evaluation.values()):
+        request["evaluation"] = {key: value for key, value in evaluation.items() if value is not None}
+    return {key: value for key, value in request.items() if value is not None}
 
 
 def _run_flow(config, config_path: Path, run) -> int:
@@ -299,7 +339,8 @@ def report(summary: dict[str, Any], config_path: Path) -> str:
     lines.append(f"Reused from cache: {merges}/{total} merges, {evals}/{total} candidate evaluations.")
     lines += [
         "Where to look:",
-        f"  MLflow:  {tracking.ui_command(summary['mlflow_uri'])}",
+        f"  MLflow:  {tracking.ui_command(summary['mlflow_uri'])}, then the runs view "
+        f"#/experiments/{summary['mlflow_experiment_id']}/runs?{tracking.RUNS_VIEW_QUERY}",
         f"  DuckDB:  {summary['duckdb']}  (scf results --config {config_path})",
         f"  Plots:   {Path(summary['workdir']) / 'plots'}",
     ]

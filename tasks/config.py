@@ -26,9 +26,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from evals.catalog import SUITES, get_suite
 from evals.spec import EvalSpec
 from scf.errors import ScfError
-from scf.methods.registry import get_method, validate_params
+from scf.methods.registry import METHODS, get_method, validate_params
 from scf.spec import EngineSettings
 from scf.yamlsafe import load_yaml
 from tasks.errors import PipelineError
@@ -40,6 +41,13 @@ ZOO_PREFIX = "zoo:"
 SecretVariable = Literal[
     "HF_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"
 ]
+
+# The run form's dropdowns, generated from the method registry and the suite catalog when this module
+# is imported (never a hand-kept list): Prefect renders a Literal as an enum in the parameter schema.
+MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
+SuiteName = Literal[tuple(SUITES)]  # type: ignore[valid-type]
+# The config name of a run whose parameters name no config file (its MLflow experiment, DuckDB rows).
+REQUEST_NAME = "on-demand"
 
 
 class ZooSettings(BaseModel):
@@ -60,9 +68,9 @@ class Sources(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid")
-    base: str = Field(min_length=1)
-    secondary: list[str] = Field(min_length=1)
-    reference: str | None = None
+    base: str = Field(min_length=1, description="the model whose behaviour is preserved")
+    secondary: list[str] = Field(min_length=1, description="one or more models contributing capabilities")
+    reference: str | None = Field(None, description="the common ancestor (task-vector methods need it)")
 
     @field_validator("secondary", mode="before")
     @classmethod
@@ -408,6 +416,17 @@ def load_config(path: str | Path, **overrides: Any) -> PipelineConfig:
     Raises:
         PipelineError: unreadable file, bad YAML, or an invalid key; the message names the file and the key.
     """
+    raw = read_config(path)
+    raw.update({key: value for key, value in overrides.items() if value is not None})
+    return validate_config(raw, str(path))
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """A config file's top-level mapping, not yet validated.
+
+    Raises:
+        PipelineError: unreadable file, bad YAML, or not a mapping; the message names the file.
+    """
     path = Path(path)
     try:
         text = path.read_text()
@@ -419,12 +438,136 @@ def load_config(path: str | Path, **overrides: Any) -> PipelineConfig:
         raise PipelineError(str(err)) from None
     if not isinstance(raw, dict):
         raise PipelineError(f"{path}: the top level must be a mapping (name, sources, candidates, ...)")
-    raw.update({key: value for key, value in overrides.items() if value is not None})
+    return raw
+
+
+def validate_config(raw: dict[str, Any], where: str, *, strip: str | None = None) -> PipelineConfig:
+    """Validate a config mapping; every problem in one line, ``<where>: invalid config: <key>: <why>; ...``.
+
+    Args:
+        raw: the mapping (a file's, with overrides applied).
+        where: what the message names first (the file, or the run's parameters).
+        strip: a key prefix left out of the messages (``candidates.0`` when the run's ``method`` and
+            ``params`` are that candidate: the message then names ``params.<key>`` as the form does).
+    """
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as err:
-        problems = "; ".join(_describe(error) for error in err.errors())
-        raise PipelineError(f"{path}: invalid config: {problems}") from None
+        problems = [_describe(error) for error in err.errors()]
+        if strip:  # "candidates.0: x" and "candidates.0.method: x" as "x" and "method: x"
+            problems = [problem.removeprefix(f"{strip}: ").removeprefix(f"{strip}.") for problem in problems]
+        raise PipelineError(f"{where}: invalid config: {'; '.join(problems)}") from None
+
+
+class EvalChoice(BaseModel):
+    """The run form's evaluation: a suite (dropdown) and the two settings a user changes most.
+
+    Unset fields keep the base config's (or the suite's) values.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    suite: SuiteName | None = Field(None, description="an evaluation suite of evals.catalog")
+    limit: int | None = Field(None, description="at most this many items per benchmark")
+    max_new_tokens: int | None = Field(None, description="the most tokens generated per prompt")
+
+
+def request_config(
+    config_path: str | Path | None = None,
+    *,
+    name: str | None = None,
+    sources: Sources | dict[str, Any] | None = None,
+    method: str | None = None,
+    params: dict[str, Any] | None = None,
+    evaluation: EvalChoice | dict[str, Any] | None = None,
+    gate: GatePolicy | dict[str, Any] | None = None,
+    gate_config: str | None = None,
+    storage: Storage | dict[str, Any] | None = None,
+    mode: str | None = None,
+    racing: bool | None = None,
+    **overrides: Any,
+) -> PipelineConfig:
+    """A run's whole request (the Prefect form, or ``scf run``'s flags) as one validated config.
+
+    ``config_path``, when given, is the base: every field given here replaces or edits its value.
+    Without it the request must be complete (sources, method, gate). Everything is validated by the
+    one schema (``PipelineConfig``), so the errors are the ones a config file gets.
+
+    Args:
+        config_path: a pipeline YAML to start from (None: nothing but the fields below).
+        name: the config name (MLflow experiment, DuckDB rows); default the base's, or ``on-demand``.
+        sources: replaces the base's ``sources``.
+        method: the one candidate's merge method (replaces the base's ``candidates``).
+        params: that candidate's parameters, validated against the method's params model.
+        evaluation: ``suite``, ``limit`` and ``gen.max_new_tokens`` of ``eval``.
+        gate: the gate policy; or ``gate_config``: a config (path, or name in ``configs/``) whose gate to use.
+        storage: replaces the base's ``storage``.
+        mode: ``execution.mode``.
+        racing: turn ``eval.racing`` on (the base's stages, or the default ones) or off.
+        **overrides: other top-level keys (``keep_candidates``, ``concurrency``); None is ignored.
+
+    Raises:
+        PipelineError: one line naming the key, e.g. ``the run's parameters: invalid config: method
+            'scf_rkl': invalid params: params.alpah: unknown parameter (did you mean 'alpha'?); ...``.
+    """
+    form = {"name": name, "sources": sources, "method": method, "params": params, "evaluation": evaluation,
+            "gate": gate, "gate_config": gate_config, "storage": storage}
+    given = [key for key, value in form.items() if value is not None]
+    where = "the run's parameters" if config_path is None else str(config_path)
+    if given and config_path is not None:
+        where = f"{config_path} with the run's parameters"
+    raw = read_config(config_path) if config_path is not None else {"name": REQUEST_NAME}
+    if params is not None and method is None:
+        raise PipelineError(f"{where}: params needs method (the merge method they are parameters of)")
+    if gate is not None and gate_config is not None:
+        raise PipelineError(f"{where}: give gate or gate_config, not both")
+    if gate_config is not None:
+        raw["gate"] = load_config(_config_file(gate_config)).gate.model_dump(mode="json")
+    for key in ("name", "sources", "gate", "storage"):
+        if form[key] is not None:
+            raw[key] = _plain(form[key])
+    if method is not None:
+        raw["candidates"] = [{"method": method, "params": dict(params or {})}]
+    if evaluation is not None:
+        raw["eval"] = _eval_section(raw.get("eval"), _plain(evaluation))
+    if mode is not None:
+        raw["execution"] = {**_section(raw.get("execution")), "mode": mode}
+    if racing is not None:
+        section = _section(raw.get("eval"))
+        section["racing"] = (section.get("racing") or {}) if racing else None
+        raw["eval"] = section
+    raw.update({key: value for key, value in overrides.items() if value is not None})
+    return validate_config(raw, where, strip="candidates.0" if method is not None else None)
+
+
+def _config_file(name_or_path: str) -> Path:
+    """A config named by path, or by bare name (``demo`` is ``configs/demo.yaml``)."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
+        return path
+    return Path("configs") / f"{name_or_path}.yaml"
+
+
+def _plain(value: Any) -> Any:
+    """A form value as the plain mapping a config file would hold (unset fields left out)."""
+    return value.model_dump(mode="json", exclude_unset=True) if isinstance(value, BaseModel) else value
+
+
+def _section(value: Any) -> dict[str, Any]:
+    return dict(value) if isinstance(value, dict) else {}
+
+
+def _eval_section(base: Any, choice: dict[str, Any]) -> dict[str, Any]:
+    """The base's ``eval`` with the form's suite, limit and max_new_tokens applied."""
+    section = _section(base)
+    for key in ("suite", "limit"):
+        if choice.get(key) is not None:
+            section[key] = choice[key]
+    if choice.get("max_new_tokens") is not None:
+        suite = section.get("suite", "toy")
+        defaults = dict(get_suite(suite).default_gen) if suite in SUITES else {}
+        gen = {**defaults, **_section(section.get("gen"))}
+        section["gen"] = {**gen, "max_new_tokens": choice["max_new_tokens"]}
+    return section
 
 
 def _describe(error: dict) -> str:

@@ -342,14 +342,18 @@ def log_model(
     report: EvalReport,
     merge_report: dict | None,
     artifact_dir: str,
+    gated: tuple[str, ...] = (),
 ) -> str:
     """Log one evaluated model as a nested MLflow run with its artifacts.
+
+    Args:
+        gated: the gate's benchmark keys (logged once more as ``compare.<key>``, with the rates).
 
     Returns:
         The MLflow run id.
     """
     files = write_artifacts(Path(artifact_dir), report, merge_report, model.path)
-    metrics = tracking.model_metrics(report.metrics(), merge_report, report.seconds)
+    metrics = tracking.model_metrics(report.metrics(), merge_report, report.seconds, gated)
     params = {**model_params(model, report.spec), "eval.engine": report.engine}
     tags = {"candidate_id": model.id, "kind": model.kind}
     return tracking.log_model_run(uri, exp_id, parent_run_id, label, params, metrics, files, tags)

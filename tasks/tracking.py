@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 
+from evals.spec import COMPARE_DECISION, COMPARE_PREFIX, REFUSAL_RATE, REPETITION_RATE
 from tasks.errors import PipelineError
 
 CHAMPION_ALIAS = "champion"
@@ -30,6 +31,15 @@ PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own tag for nesting runs
 SPARSITY, MERGE_SECONDS, EVAL_SECONDS = "sparsity", "merge_seconds", "eval_seconds"
 MERGE_METRICS = (SPARSITY, MERGE_SECONDS)
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+# The experiment's kind, as MLflow 3's UI stores it (the experiment page's "type" selector writes this tag):
+# "custom_model_development" (shown as "Machine learning") is the kind whose home is the runs view, not
+# the GenAI overview of traces. MLflow 3.17's UI also follows a per-browser workflow type, which the
+# links below set with ``?workflowType=machine_learning``.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+RUNS_VIEW_QUERY = "workflowType=machine_learning"
+DECISION_CODES = {"rejected": 0, "passed": 1, "promoted": 2}  # compare.decision (a metric is a number)
+LEADERBOARD_TABLE = "leaderboard.json"  # the parent run's table artifact (mlflow.log_table)
 
 
 def client(uri: str) -> MlflowClient:
@@ -68,10 +78,14 @@ def experiment_id(uri: str, config_name: str, artifact_root: Path) -> str:
     mlflow = client(uri)
     found = mlflow.get_experiment_by_name(config_name)
     if found is not None:
+        if found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # one made before the tag existed
+            mlflow.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return found.experiment_id
     location = None if uri.startswith(("http://", "https://", "databricks")) else Path(artifact_root).as_uri()
     try:
-        return mlflow.create_experiment(config_name, artifact_location=location)
+        return mlflow.create_experiment(
+            config_name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
     except MlflowException:  # created meanwhile by a concurrent run
         return mlflow.get_experiment_by_name(config_name).experiment_id
 
@@ -109,7 +123,10 @@ def start_run(
 
 
 def model_metrics(
-    eval_metrics: dict[str, float], merge_report: dict | None, eval_seconds: float
+    eval_metrics: dict[str, float],
+    merge_report: dict | None,
+    eval_seconds: float,
+    gated: tuple[str, ...] | list[str] = (),
 ) -> dict[str, float]:
     """All metrics of one evaluated model under their stable names.
 
@@ -117,6 +134,8 @@ def model_metrics(
         eval_metrics: ``EvalReport.metrics()`` (``<benchmark>.<metric>`` and generation figures).
         merge_report: the candidate's ``merge_report.json`` (None for parents).
         eval_seconds: evaluation wall time.
+        gated: the gate's benchmark keys; they, the repetition and refusal rates and the sparsity are
+            logged once more as ``compare.<name>`` (see ``evals.spec.COMPARE_PREFIX``).
 
     Returns:
         name -> value.
@@ -126,7 +145,51 @@ def model_metrics(
     if merge_report is not None:
         metrics[SPARSITY] = merge_report["totals"]["sparsity"]
         metrics[MERGE_SECONDS] = merge_report["timings"]["total_seconds"]
+    if gated:
+        compared = [*gated, REPETITION_RATE, REFUSAL_RATE, SPARSITY]
+        metrics.update({compare_name(key): metrics[key] for key in compared if key in metrics})
     return metrics
+
+
+def compare_name(key: str) -> str:
+    """The name a compared figure is logged under a second time: ``compare.<key>``."""
+    return f"{COMPARE_PREFIX}{key}"
+
+
+def log_decision(uri: str, run_id: str, decision: str) -> None:
+    """The gate's verdict on a model's run: the ``gate.decision`` tag and the ``compare.decision`` metric."""
+    mlflow = client(uri)
+    mlflow.set_tag(run_id, "gate.decision", decision)
+    mlflow.log_metric(run_id, compare_name(COMPARE_DECISION), DECISION_CODES[decision])
+
+
+def log_leaderboard(uri: str, run_id: str, entries: list[dict]) -> None:
+    """The night's leaderboard as a table artifact of its parent run (``mlflow.log_table``).
+
+    Args:
+        uri: tracking URI.
+        run_id: the flow run's MLflow run.
+        entries: ``results_db.leaderboard`` of the night: one row per model, a column per score
+            (and its delta vs the parents' mean), the rates, the decision and the failure.
+    """
+    keys = sorted({key for entry in entries for key in entry["scores"]})
+    rows = []
+    for entry in entries:
+        row = {"model": entry["label"], "id": entry["id"], "kind": entry["kind"]}
+        for key in keys:
+            row[key] = entry["scores"].get(key)
+            row[f"{key} delta"] = entry["deltas"].get(key) if entry["kind"] == "merge" else None
+        row.update({key: entry[key] for key in ("repetition_rate", "refusal_rate", "over_refusal_rate")})
+        row["decision"] = "failed" if entry["status"] == "failed" else entry["decision"] or entry["kind"]
+        row["reasons"] = "; ".join(entry["reasons"]) or entry["failure"] or ""
+        rows.append(row)
+    columns = {name: [row[name] for row in rows] for name in (rows[0] if rows else {"model": None})}
+    client(uri).log_table(run_id, data=columns, artifact_file=LEADERBOARD_TABLE)
+
+
+def runs_view_url(ui_url: str, exp_id: str) -> str:
+    """The MLflow UI address of an experiment's runs view (not the GenAI overview)."""
+    return f"{ui_url.rstrip('/')}/#/experiments/{exp_id}/runs?{RUNS_VIEW_QUERY}"
 
 
 def log_model_run(

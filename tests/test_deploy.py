@@ -3,12 +3,14 @@
 The slow test does what docs/deploy.md tells a user to do, on loopback with a private
 PREFECT_HOME: `prefect server start`, `prefect work-pool create`, `prefect deploy --all` from
 the checkout, the worker started by docker/worker-entrypoint.sh (the compose worker's command),
-then a run of the on-demand deployment triggered through the API, on the tiny toy zoo.
+then two runs of the on-demand deployment triggered through the API, on the tiny toy zoo: one of a
+config's candidates, and one that only the run's typed parameters describe (the Prefect run form).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shlex
 import shutil
@@ -33,10 +35,19 @@ from prefect import get_client
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from tasks import results_db
+from scf.methods.registry import METHODS
+from tasks import results_db, tracking
 
 POOL = "scf"  # the process pool prefect.yaml's deployments target
-RUN_TIMEOUT_S = 600  # generous: each evaluation child pays torch, transformers and lm-eval imports
+RUN_TIMEOUT_S = 600  # one run: about 4 min on 2 busy cores (each evaluation child imports torch and lm-eval)
+# The typed run: a merge that no config file names, everything in the run's parameters.
+EVALUATION = {"suite": "toy", "limit": 4, "max_new_tokens": 16}
+TYPED_GATE = {  # 4 items prove little: wide tolerances (as tests/test_pipeline_e2e.py)
+    "benchmarks": {"toy_math.exact_match": {"tolerance": 2.0}, "toy_strings.exact_match": {"tolerance": 2.0}},
+    "min_items": 4,
+    "max_repetition_rate": 1.0,
+    "max_refusal_drop": 1.0,
+}
 
 
 def _load_yaml(name: str) -> dict:
@@ -218,11 +229,18 @@ def _check_deployments(deployments: dict) -> None:
     nightly, on_demand = deployments["nightly"], deployments["merge-and-evaluate"]
     assert [(s.schedule.cron, s.schedule.timezone) for s in nightly.schedules] == [("0 2 * * *", "UTC")]
     assert on_demand.schedules == []
-    assert "candidate" in on_demand.parameter_openapi_schema["properties"]
+    form = on_demand.parameter_openapi_schema["properties"]
+    assert "candidate" in form
+    # The method dropdown, as the server hands it to the UI: the registry's names, in its order.
+    [methods] = [variant["enum"] for variant in form["method"]["anyOf"] if "enum" in variant]
+    assert methods == list(METHODS)
+    night_form = nightly.parameter_openapi_schema["properties"]
+    assert list(night_form) == ["config_path", "keep_candidates", "concurrency", "mode", "racing"]
     for deployment in deployments.values():
         # The UI renders its run form from this schema.
         fields = deployment.parameter_openapi_schema["properties"]
-        assert fields["config_path"]["type"] == "string"
+        config_path = fields["config_path"]  # optional in the on-demand form (the form can be the whole run)
+        assert [variant["type"] for variant in config_path.get("anyOf", [config_path])][0] == "string"
         assert deployment.parameters == {"config_path": "configs/demo.yaml"}
         assert deployment.work_pool_name == POOL
         directory = {"directory": str(REPO)}
@@ -234,7 +252,9 @@ def _cheap_config(tmp_path: Path) -> Path:
     config = _load_yaml("configs/demo.yaml")
     config["name"] = "deploy-test"
     config["candidates"] = [{"method": "scf_rkl"}]
-    config["eval"]["limit"] = 4
+    # The typed run's evaluation (device auto, the toy suite's decoding, 16 tokens): its parents' results
+    # are this run's, reused from the shared workdir's cache.
+    config["eval"] = {"suite": "toy", "limit": 4, "gen": {"max_new_tokens": 16, "batch_size": 32}}
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config["storage"] = {"workdir": str(tmp_path / "work"), "mlflow_uri": mlflow_uri}
     path = tmp_path / "deploy-test.yaml"
@@ -268,22 +288,67 @@ def test_on_demand_deployment_runs_on_a_worker_to_completion(
 
         wait_healthy(f"http://127.0.0.1:{health_port}/health", worker, worker_log, PROCESS_START_S)
         config = _cheap_config(tmp_path)
+        storage = {"workdir": str(tmp_path / "work"), "mlflow_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+        # config_path cleared (the deployment's default is configs/demo.yaml): no config file at all.
+        sources = {"base": "zoo:math", "secondary": ["zoo:strings"], "reference": "zoo:base"}
+        typed = {"config_path": None, "sources": sources,
+                 "method": "scf_rkl", "params": {"alpha": 1.2}, "evaluation": EVALUATION, "gate": TYPED_GATE,
+                 "name": "typed-run", "storage": storage}
         with _api(server.api_url):
             assert asyncio.run(_global_concurrency_limit("gpu")) == 1
-            flow_run = run_deployment(
-                deployments["merge-and-evaluate"].id,
-                parameters={"config_path": str(config), "candidate": "scf_rkl"},
-                timeout=RUN_TIMEOUT_S,
-                poll_interval=1,
+            runs = [
+                run_deployment(deployments["merge-and-evaluate"].id, parameters=parameters,
+                               timeout=RUN_TIMEOUT_S, poll_interval=1)
+                for parameters in ({"config_path": str(config), "candidate": "scf_rkl"}, typed)
+            ]
+        for flow_run in runs:
+            assert flow_run.state is not None and flow_run.state.is_completed(), (
+                f"flow run ended {flow_run.state}\n{worker_log.read_text()[-6000:]}"
             )
-        assert flow_run.state is not None and flow_run.state.is_completed(), (
-            f"flow run ended {flow_run.state}\n{worker_log.read_text()[-6000:]}"
-        )
     finally:
         stop_process(worker)
     # The run's results are in the DuckDB file the config names: both parents and the
     # candidate, which the gate has judged.
-    leaderboard = results_db.leaderboard(tmp_path / "work" / "results.duckdb", "deploy-test")
+    db = tmp_path / "work" / "results.duckdb"
+    leaderboard = results_db.leaderboard(db, "deploy-test")
     assert sorted(entry["kind"] for entry in leaderboard) == ["merge", "parent", "parent"]
     [candidate] = [entry for entry in leaderboard if entry["kind"] == "merge"]
     assert candidate["label"] == "scf_rkl" and candidate["decision"] in {"promoted", "passed", "rejected"}
+    assert runs[1].name == "merge-and-evaluate-typed-run-scf_rkl"
+    _check_typed_run(db, storage["mlflow_uri"], runs[1].id)
+
+
+def _check_typed_run(db: Path, mlflow_uri: str, flow_run_id: object) -> None:
+    """The typed run's rows in DuckDB and its runs in MLflow: named, nested, compared, tabled."""
+    import duckdb
+
+    with duckdb.connect(str(db), read_only=True) as con:
+        rows = con.execute("SELECT kind, label, method, params_json, run_id FROM candidates "
+                           "WHERE config_name = 'typed-run' ORDER BY kind, label").fetchall()
+    assert [(kind, label, method) for kind, label, method, _, _ in rows] == [
+        ("merge", "scf_rkl", "scf_rkl"), ("parent", "base=math", None),
+        ("parent", "secondary_0=strings", None),
+    ]
+    assert yaml.safe_load(rows[0][3])["alpha"] == 1.2 and {row[4] for row in rows} == {str(flow_run_id)}
+    [candidate] = [e for e in results_db.leaderboard(db, "typed-run") if e["kind"] == "merge"]
+    assert candidate["decision"] == "promoted"  # the first champion of its config: wide tolerances
+
+    mlflow = tracking.client(mlflow_uri)
+    experiment = mlflow.get_experiment_by_name("typed-run")
+    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    runs = {run.info.run_name: run for run in mlflow.search_runs([experiment.experiment_id])}
+    parent = runs.pop("merge-and-evaluate-typed-run")
+    assert set(runs) == {"base=math", "secondary_0=strings", "scf_rkl"}
+    assert {run.data.tags[tracking.PARENT_RUN_TAG] for run in runs.values()} == {parent.info.run_id}
+    compared = sorted(key for key in runs["scf_rkl"].data.metrics if key.startswith("compare."))
+    assert compared == ["compare.decision", "compare.refusal_rate", "compare.repetition_rate",
+                        "compare.sparsity", "compare.toy_math.exact_match", "compare.toy_strings.exact_match"]
+    assert runs["scf_rkl"].data.metrics["compare.decision"] == tracking.DECISION_CODES["promoted"]
+    artifacts = {a.path for a in mlflow.list_artifacts(parent.info.run_id)}
+    assert {tracking.LEADERBOARD_TABLE, "plots"} <= artifacts
+    plots = {a.path for a in mlflow.list_artifacts(parent.info.run_id, "plots")}
+    assert plots == {"plots/score_delta_vs_parents.png", "plots/repetition_rate.png",
+                     "plots/parameter_sources.png"}
+    table = json.loads(Path(mlflow.download_artifacts(parent.info.run_id, tracking.LEADERBOARD_TABLE,
+                                                      str(db.parent))).read_text())
+    assert sorted(row[0] for row in table["data"]) == ["base=math", "scf_rkl", "secondary_0=strings"]
