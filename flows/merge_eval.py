@@ -165,7 +165,7 @@ def plan_candidate(ctx: RunContext, candidate: Candidate) -> CandidatePlan:
         reference=reference.path if reference else None,
         method=candidate.method,
         params=candidate.params,
-        **config.merge.engine_settings(),
+        **{**config.merge.engine_settings(), **({} if candidate.seed is None else {"seed": candidate.seed})},
     )
     out = config.models_dir / cid
     record = results_db.ModelRecord(
@@ -178,7 +178,7 @@ def plan_candidate(ctx: RunContext, candidate: Candidate) -> CandidatePlan:
         path=str(out),
     )
     return CandidatePlan(
-        candidate, cid, spec, out, steps.merge_key(cid), steps.eval_key(cid, config.eval), record
+        candidate, cid, spec, out, steps.merge_key(cid, config.merge.report_settings()), steps.eval_key(cid, config.eval), record
     )
 
 
