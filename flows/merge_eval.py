@@ -177,9 +177,8 @@ def plan_candidate(ctx: RunContext, candidate: Candidate) -> CandidatePlan:
         sources=list(ctx.sources.values()),
         path=str(out),
     )
-    return CandidatePlan(
-        candidate, cid, spec, out, steps.merge_key(cid, config.merge.report_settings()), steps.eval_key(cid, config.eval), record
-    )
+    merge_key = steps.merge_key(cid, config.merge.report_settings())
+    return CandidatePlan(candidate, cid, spec, out, merge_key, steps.eval_key(cid, config.eval), record)
 
 
 def plan_parents(ctx: RunContext) -> list[ParentPlan]:

@@ -173,7 +173,8 @@ def test_scf_results_needs_a_config_or_a_database(capsys: pytest.CaptureFixture[
 
 def test_seeds_give_one_candidate_per_seed_with_its_own_id(tmp_path: Path) -> None:
     entries = [{"method": "dare_ties", "params": {"density": 0.5}, "seeds": [0, 2]}, {"method": "ties"}]
-    config = load_config(_write(tmp_path, candidates=entries, sources={**GOOD["sources"], "reference": "zoo:base"}))
+    sources = {**GOOD["sources"], "reference": "zoo:base"}
+    config = load_config(_write(tmp_path, candidates=entries, sources=sources))
     candidates = config.expand()
     assert [c.label for c in candidates] == ["dare_ties-seed=0", "dare_ties-seed=2", "ties"]
     assert [c.seed for c in candidates] == [0, 2, None]
@@ -183,7 +184,8 @@ def test_seeds_give_one_candidate_per_seed_with_its_own_id(tmp_path: Path) -> No
     # seed 0 given per candidate is merge.seed 0: the same merge, the same id
     unseeded = Candidate(method="dare_ties", params=candidates[0].params)
     assert ids[0] == candidate_id(fingerprints, unseeded, MergeSettings(seed=0))
-    assert "candidates.0.seeds: must be distinct" in _error(tmp_path, candidates=[{"method": "linear", "seeds": [1, 1]}])
+    twice = [{"method": "linear", "seeds": [1, 1]}]
+    assert "candidates.0.seeds: must be distinct" in _error(tmp_path, candidates=twice)
 
 
 def test_diagnostics_change_the_merge_cache_key_not_the_candidate_id() -> None:
