@@ -605,6 +605,12 @@ TOY_DIFFERENCES = """\
 - **Generation.** Greedy. The models were trained on sequences under 64 tokens; the long-generation probe
   asks for up to `long_gen.max_new_tokens` (512). The paper measures repetition on long chain-of-thought
   answers of models that were trained to write them.
+- **Forward vs reverse KL.** For small fine-tuning deltas KL(q||p) and KL(p||q) agree to second order,
+  so `scf_kl`'s mask is nearly `scf_rkl`'s (on the tiny zoo 60 of 111,424 values differ): claim 8 can
+  only show a difference as large as that.
+- **Principal angles** are between the top-16 left singular subspaces of 96x96 to 96x288 matrices whose
+  singular values are close together: a small perturbation can swap directions inside that subspace's
+  edge, so angles run large for every method; NSS is the steadier of the two.
 - **Baselines** run at the configs' defaults (weight 1.0, density 0.5, as `configs/paper/`); the paper
   gives none of its baseline settings. SCF-RKL and SCF-KL use the paper's defaults (alpha 1.5).
 """
@@ -850,7 +856,7 @@ def _diagnostics_section(runs: Sequence[Run], out_dir: Path) -> list[str]:
         "From each merge report (every merge of every run; shares are of all parameters):",
         "",
         "| method | from base | from secondary | from neither | largest principal angle | median NSS |"
-        " secondary share per layer |",
+        " share of each layer changed (SCF: from the secondary) |",
         "|---|---|---|---|---|---|---|",
     ]
     rows = _rows(runs, METHOD_ORDER)
