@@ -107,6 +107,7 @@ class Run:
     parents: dict[str, str]  # "base"/"secondary" -> the parent's zoo model name
     models: list[Model] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    seconds: tuple[float, float] = (0.0, 0.0)  # merging, evaluating (summed over its models)
 
     def of(self, row: str) -> list[Model]:
         """The models of a table row (one per merge seed for a random method)."""
@@ -180,6 +181,7 @@ def load_run(config: PipelineConfig) -> Run | None:
                 merge_report,
             )
         )
+    run.seconds = results_db.compute_seconds(db, config.name)
     return run if run.models else None
 
 
@@ -677,15 +679,15 @@ def _what_ran(runs: Sequence[Run], missing: Sequence[str]) -> list[str]:
     lines = [
         "## What ran",
         "",
-        "| config | scenario | zoo | parents | merges evaluated | failed |",
-        "|---|---|---|---|---|---|",
+        "| config | scenario | zoo | parents | merges evaluated | failed | merge / eval compute |",
+        "|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         merges = sum(m.kind == "merge" for m in run.models)
         parents = f"{run.parents['base']} + {run.parents['secondary']}"
         lines.append(
             f"| {run.name} | {run.scenario} | {run.zoo_size}, seed {run.zoo_seed} | {parents} | {merges} | "
-            f"{len(run.failed)} |"
+            f"{len(run.failed)} | {run.seconds[0] / 60:.1f} / {run.seconds[1] / 60:.1f} min |"
         )
     lines.append("")
     if missing:

@@ -825,6 +825,24 @@ def item_scores(db_path: Path, config_name: str) -> list[tuple[str, str, str, st
     return with_retry(db_path, lambda con: con.execute(query, [config_name]).fetchall(), read_only=True)
 
 
+def compute_seconds(db_path: Path, config_name: str) -> tuple[float, float]:
+    """Seconds a config's models spent merging and evaluating (sums over ``generation_stats``).
+
+    Args:
+        db_path: the DuckDB file.
+        config_name: the pipeline config's name.
+
+    Returns:
+        ``(merge seconds, evaluation seconds)``; 0.0 where nothing is recorded.
+    """
+    query = (
+        "SELECT coalesce(sum(merge_seconds), 0), coalesce(sum(eval_seconds), 0) FROM generation_stats"
+        " WHERE config_name = ?"
+    )
+    row = with_retry(db_path, lambda con: con.execute(query, [config_name]).fetchone(), read_only=True)
+    return float(row[0]), float(row[1])
+
+
 def config_names(db_path: Path) -> list[str]:
     """The config names present in a results database."""
     rows = with_retry(
