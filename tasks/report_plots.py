@@ -106,6 +106,7 @@ def per_layer(
         layers = sorted(values)
         style = {"linewidth": 2.5, "color": "black"} if method == "scf_rkl" else {"linewidth": 1}
         ax.plot(layers, [values[k] for k in layers], marker="o", label=method, **style)
+    ax.set_xticks(sorted({layer for values in series.values() for layer in values}))
     if log:
         ax.set_yscale("log")
     ax.set_xlabel("layer")
