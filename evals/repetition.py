@@ -161,7 +161,7 @@ def repetition_stats(samples: Sequence[Sample]) -> RepetitionStats:
     return RepetitionStats(
         repetition_rate=sum(s.looping for s in samples) / n,
         mean_seq_rep_4=sum(s.seq_rep_4 for s in samples) / n,
-        mean_rep_w=sum(s.rep_w for s in samples) / n,
+        mean_rep_w=math.fsum(s.rep_w for s in samples) / n,  # exact sum: the same in any sample order
         truncation_rate=sum(s.truncated for s in samples) / n,
         n=n,
     )
