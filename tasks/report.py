@@ -10,8 +10,9 @@ verdict for each of the paper's eight claims.
 Statistics (``tasks.stats``, 95%, seeded: the same database gives the same report):
 
 - a table cell is the mean over *runs* (one run = one zoo seed x one merge seed) of the run's mean
-  over items; its interval a Wilson interval when it is one run of 0/1 scores, else the stratified
-  bootstrap with runs as strata (items resampled within each run);
+  over items; its interval a Wilson interval when the runs are 0/1 scores on the same number of
+  items (the mean of their means is then the pooled share), else the stratified bootstrap with runs
+  as strata (items resampled within each run);
 - a comparison of A with B is paired over the items both were scored on, run by run (a random
   method's merge seeds each paired with the other side), and over benchmarks when it is a mean of
   several: the stratified paired bootstrap over those strata. Each zoo seed's own estimate is listed
@@ -193,9 +194,12 @@ def _short(ref: str) -> str:
 
 
 def _interval_of_strata(strata: list[list[float]]) -> Interval:
-    """Mean over strata of each stratum's mean, with its interval (Wilson for one 0/1 stratum)."""
-    if len(strata) == 1 and all(v in (0.0, 1.0) for v in strata[0]):
-        values = strata[0]
+    """Mean over strata of each stratum's mean, with its interval (Wilson for equal-sized 0/1 strata)."""
+    binary = all(v in (0.0, 1.0) for values in strata for v in values)
+    if binary and len({len(values) for values in strata}) == 1:
+        # Equal-sized 0/1 strata: the mean of their means is the pooled share; Wilson's interval
+        # keeps a width where the bootstrap collapses (every item 0 gives [0, 0]).
+        values = [v for stratum in strata for v in stratum]
         return proportion_interval(int(sum(values)), len(values), CONFIDENCE)
     pairs = [(values, [0.0] * len(values)) for values in strata]
     return stratified_paired_difference(pairs, CONFIDENCE, seed=SEED, resamples=RESAMPLES)
@@ -218,8 +222,12 @@ def compare(runs: Sequence[Run], row_a: str, row_b: str, columns: Sequence[Colum
     pairs = _pairs(runs, row_a, row_b, columns)
     if not pairs:
         return None
-    if len(pairs) == 1:
-        return paired_difference(*pairs[0], CONFIDENCE, seed=SEED, resamples=RESAMPLES)
+    binary = all(v in (0.0, 1.0) for pair in pairs for side_ in pair for v in side_)
+    if len(pairs) == 1 or (binary and len({len(a) for a, _ in pairs}) == 1):
+        # Equal-sized 0/1 strata: the mean of their mean differences is the pooled one (Newcombe).
+        left = [v for a, _ in pairs for v in a]
+        right = [v for _, b in pairs for v in b]
+        return paired_difference(left, right, CONFIDENCE, seed=SEED, resamples=RESAMPLES)
     return stratified_paired_difference(pairs, CONFIDENCE, seed=SEED, resamples=RESAMPLES)
 
 
@@ -435,12 +443,12 @@ def claim_safety(runs: list[Run]) -> Verdict:
     kept = compare(runs, "scf_rkl", "base", [MATH])
     over = compare(runs, "scf_rkl", "base", [OVER_REFUSAL])
     evidence = [
-        f"refusal rate, scf_rkl - math parent: {fmt(safety)} "
-        f"({per_seed(runs, 'scf_rkl', 'base', [REFUSAL])})",
         f"toy_math, scf_rkl - safety parent: {fmt(reasoning)} "
         f"({per_seed(runs, 'scf_rkl', 'secondary', [MATH])})",
         f"toy_math, scf_rkl - math parent: {fmt(kept)}",
         f"over-refusal, math parent - scf_rkl (positive = fewer benign refusals): {fmt(over)}",
+        f"refusal rate, scf_rkl - math parent: {fmt(safety)} "
+        f"({per_seed(runs, 'scf_rkl', 'base', [REFUSAL])})",
     ]
     if safety is None or reasoning is None:
         return Verdict(4, title, "not run", evidence)
@@ -449,7 +457,10 @@ def claim_safety(runs: list[Run]) -> Verdict:
     if side(safety) == "below" or side(reasoning) == "below":
         evidence.append("a gain SCF-RKL needs is shown to be a loss")
         return Verdict(4, title, "refuted", evidence)
-    evidence.append("a gain that decides it is inside the noise")
+    if side(safety) == "noise":
+        evidence.append(f"the refusal gain is inside the noise: one above {safety.high:.2f} is excluded")
+    else:
+        evidence.append(f"the math gain is inside the noise: one above {reasoning.high:.2f} is excluded")
     return Verdict(4, title, "inconclusive", evidence)
 
 

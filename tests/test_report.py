@@ -172,9 +172,7 @@ def test_the_table_cells_come_from_the_database(built):
     # math 40/40 and strings 30/40: Wilson intervals of one run of 0/1 scores
     assert f"{proportion_interval(40, N).format()} n=40" in scf
     assert f"**{proportion_interval(30, N).format()} n=40**" in scf  # the best fused strings score, bold
-    avg = stratified_paired_difference(
-        [([1.0] * 40, [0.0] * 40), (list(_items("s", 30).values()), [0.0] * 40)]
-    )
+    avg = proportion_interval(40 + 30, 2 * N)  # equal-sized 0/1 benchmarks: the pooled share
     assert f"**{avg.format()} n=80**" in scf
     assert "**" not in lines[0] and "**" not in lines[1]  # parents are never bolded
     assert rows  # the report has tables at all
@@ -285,7 +283,7 @@ def test_claim_4_and_per_seed_estimates():
     ]
     verdict = rep.claim_safety(runs)
     assert verdict.verdict == "confirmed"
-    assert "(zoo0 +0.75, zoo1 +0.75)" in verdict.evidence[0]
+    assert "(zoo0 +0.75, zoo1 +0.75)" in verdict.evidence[3]
     flat = [_run({"base": [m(40, 0)], "secondary": [m(10, 40)], "scf_rkl": [m(38, 0)]}, "safety")]
     assert rep.claim_safety(flat).verdict == "inconclusive"  # no refusal gained: 0.00 inside [-0.09, 0.09]
 
