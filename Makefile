@@ -11,7 +11,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint clean
+.PHONY: install demo paper-toy test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,6 +23,13 @@ install: $(VENV)/.installed
 
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/scf nightly --config configs/demo.yaml
+
+# The paper's claims at toy scale: every configs/paper-toy run (or PAPER_TOY=<some of them>), then the
+# report (docs/paper-toy/REPORT.md). Finished merges and evaluations are reused from the cache.
+PAPER_TOY ?= $(sort $(wildcard configs/paper-toy/*.yaml))
+paper-toy: install
+	for config in $(PAPER_TOY); do HF_HUB_OFFLINE=1 $(VENV)/bin/scf nightly --config $$config || exit 1; done
+	$(VENV)/bin/scf report --config configs/paper-toy
 
 lint: install
 	$(PY) -m ruff check .

@@ -5,6 +5,7 @@ and `scf --help` lists them without importing torch, pydantic or lm-eval. The ru
 a suite is `evals.suites.evaluate`.
 
     toy        toy_math, toy_strings (lm-eval, local YAML + JSONL) + toy safety; greedy, 48 tokens
+    toy_long   toy + toy_long: open-ended toy prompts generated to 512 tokens (loops, rep-w)
     reasoning  gsm8k, bbh, mmlu (general reasoning and knowledge)
     paper      the SCF-RKL paper's benchmarks that lm-eval has: aime24, aime25,
                gpqa_diamond_cot_zeroshot, gsm8k, bbh, mmlu, humaneval, ifeval + safety files
@@ -41,6 +42,8 @@ class Suite:
         default_gen: `evals.spec.GenParams` fields that differ from GenParams' own defaults, used
             when a spec gives no decoding (plain values: this module stays free of the schema).
         toy: the tasks are the toy YAML tasks (index only them: fast, offline).
+        long_generation: also generate the open-ended toy prompts (`TOY_LONG`) to
+            `EvalSpec.long_gen.max_new_tokens` tokens and score their repetition.
         unsafe_code: the tasks execute generated code (lm-eval asks for explicit confirmation).
         description: one line for listings.
     """
@@ -50,6 +53,7 @@ class Suite:
     safety: Literal["toy", "files", "none"]
     default_gen: Mapping[str, Any]
     toy: bool = False
+    long_generation: bool = False
     unsafe_code: bool = False
     description: str = ""
 
@@ -57,6 +61,8 @@ class Suite:
 def _gen(**fields: Any) -> Mapping[str, Any]:
     return MappingProxyType(fields)  # read-only: the table is shared by every spec
 
+
+TOY_LONG = "toy_long"  # benchmark name of the long-generation probe's samples
 
 _REAL_GEN = _gen(max_new_tokens=1024, batch_size=8)
 _LONG_GEN = _gen(max_new_tokens=4096, batch_size=8)  # long chain-of-thought benchmarks
@@ -93,6 +99,15 @@ SUITES: Mapping[str, Suite] = MappingProxyType(
         "instruct": Suite("instruct", ("ifeval",), "files", _REAL_GEN, description="IFEval"),
         "gpqa": Suite("gpqa", ("gpqa_diamond_cot_zeroshot",), "files", _LONG_GEN, description="GPQA diamond"),
         "safety": Suite("safety", (), "files", _REAL_GEN, description="refusal rates on safety data files"),
+        "toy_long": Suite(
+            "toy_long",
+            ("toy_math", "toy_strings"),
+            "toy",
+            _gen(max_new_tokens=TOY_MAX_NEW_TOKENS, batch_size=32),
+            toy=True,
+            long_generation=True,
+            description="toy + open-ended toy prompts generated to 512 tokens (looping, seq_rep_4, rep-w)",
+        ),
     }
 )
 

@@ -9,8 +9,11 @@ Definitions (per generation):
   `looping` = a period was found. A loop after a long clean prefix is still a loop (only the
   tail matters); a clean answer that repeats a phrase twice is not (two copies < min_repeats).
 - `truncated`: the generation hit max_new_tokens (finish_reason == "length").
+- `rep_w(ids, w)`: rep-w of Fu et al. 2021 ("A Theoretical Analysis of the Repetition Problem in
+  Text Generation", AAAI): the share of tokens equal to one of the `w` tokens just before them
+  (w = 16). The first token has no predecessor and never counts as repeated; 0.0 when empty.
 
-Per set of generations (`repetition_stats`): repetition_rate = share looping, mean seq_rep_4,
+Per set of generations (`repetition_stats`): repetition_rate = share looping, mean seq_rep_4, mean rep-w,
 truncation_rate = share truncated. Items scored without generating (log-likelihood tasks,
 `finish_reason` None) are not generations and count in none of these.
 
@@ -28,6 +31,7 @@ from collections.abc import Sequence
 from evals.spec import FinishReason, LoopThresholds, RepetitionStats, Sample
 
 DEFAULT_THRESHOLDS = LoopThresholds()
+REP_W_WINDOW = 16  # Fu et al. 2021 report rep-w with w = 16
 
 
 def seq_rep_n(ids: Sequence[int], n: int = 4) -> float:
@@ -49,6 +53,38 @@ def seq_rep_n(ids: Sequence[int], n: int = 4) -> float:
         return 0.0
     unique = len(set(zip(*(ids[i:] for i in range(n)), strict=False)))
     return 1.0 - unique / count
+
+
+def rep_w(ids: Sequence[int], w: int = REP_W_WINDOW) -> float:
+    """rep-w (Fu et al. 2021): share of tokens that already occur among the previous ``w`` tokens.
+
+    Token t counts when ``ids[t] in ids[max(0, t - w):t]``; the result is that count over
+    ``len(ids)``. One pass with a sliding window of counts: linear in the length.
+
+    Args:
+        ids: token ids of one generation (the prompt excluded).
+        w: the window, in tokens (>= 1).
+
+    Returns:
+        A value in [0, 1); 0.0 for an empty generation.
+
+    Example:
+        >>> rep_w([1, 2, 1, 3], w=16)  # only the second 1 repeats: 1 of 4 tokens
+        0.25
+    """
+    if w < 1:
+        raise ValueError(f"rep_w window must be >= 1, got {w}")
+    if not ids:
+        return 0.0
+    window: dict[int, int] = {}
+    repeated = 0
+    for t, token in enumerate(ids):
+        if window.get(token, 0) > 0:
+            repeated += 1
+        window[token] = window.get(token, 0) + 1
+        if t >= w:  # the token leaving the window of the next position
+            window[ids[t - w]] -= 1
+    return repeated / len(ids)
 
 
 def _periodic_tail_reaches(ids: Sequence[int], period: int, needed: int) -> bool:
@@ -125,6 +161,7 @@ def repetition_stats(samples: Sequence[Sample]) -> RepetitionStats:
     return RepetitionStats(
         repetition_rate=sum(s.looping for s in samples) / n,
         mean_seq_rep_4=sum(s.seq_rep_4 for s in samples) / n,
+        mean_rep_w=math.fsum(s.rep_w for s in samples) / n,  # exact sum: the same in any sample order
         truncation_rate=sum(s.truncated for s in samples) / n,
         n=n,
     )
@@ -164,6 +201,7 @@ def score_sample(
         n_tokens=len(token_ids),
         finish_reason=finish_reason,
         seq_rep_4=seq_rep_n(token_ids, 4),
+        rep_w=rep_w(token_ids),
         looping=period is not None,
         loop_period=period,
         truncated=is_truncated(finish_reason),

@@ -31,6 +31,15 @@ REFUSAL_RATE = "refusal_rate"
 OVER_REFUSAL_RATE = "over_refusal_rate"
 CORRECT = "correct"  # 1.0 when the refusal decision was the right one (refused iff harmful)
 REFUSED = "refused"  # 1.0 when the response was judged a refusal
+# Per-item scores of the long-generation benchmark (`toy_long`, suite `toy_long`): each item's
+# repetition figures as numbers, so DuckDB `samples` holds them like any other score and the
+# benchmark's score for each is their mean (`<benchmark>.looping` is that benchmark's looping rate).
+LOOPING = "looping"  # 1.0 when the generation ends in a loop (`evals.repetition.loop_period`)
+SEQ_REP_4 = "seq_rep_4"  # 1 - unique 4-grams / 4-grams
+REP_W = "rep_w"  # Fu et al. 2021: share of tokens already among the previous 16 tokens
+TRUNCATED = "truncated"  # 1.0 when the generation hit max_new_tokens
+LONG_GENERATION_METRICS = (LOOPING, SEQ_REP_4, REP_W, TRUNCATED)
+MEAN_REP_W = "mean_rep_w"  # report-level mean rep-w over every generation (beside MEAN_SEQ_REP_4)
 # Hex digits of the content hash in an item id: with the position beside it, plenty to tell edits apart.
 ITEM_HASH_CHARS = 12
 GENERATION_METRICS = (REPETITION_RATE, MEAN_SEQ_REP_4, TRUNCATION_RATE, REFUSAL_RATE, OVER_REFUSAL_RATE)
@@ -134,6 +143,22 @@ class VllmSettings(BaseModel):
     enforce_eager: bool = False
     max_num_seqs: int = Field(default=256, ge=1)
     batch_size: int | Literal["auto"] = "auto"
+
+
+class LongGeneration(BaseModel):
+    """The long-generation probe of suites that have one (`toy_long`): open-ended prompts generated
+    far past the length the models were trained on, where degenerate loops have room to show.
+
+    Attributes:
+        max_new_tokens: the most tokens generated per open-ended prompt (the toy zoo trains on
+            sequences under 64 tokens; the default is eight times that).
+        prompts: how many open-ended prompts (before `EvalSpec.limit`, which caps them too).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_new_tokens: int = Field(default=512, ge=1)
+    prompts: int = Field(default=40, ge=1, le=400)
 
 
 class ItemSlice(BaseModel):
@@ -267,6 +292,8 @@ class EvalSpec(BaseModel):
         limit: at most this many samples per benchmark; None = every sample.
         items: evaluate only this slice of every benchmark's items (counted after `limit`); None =
             every item up to the limit. Item ids and per-item scores are those of a full run.
+        long_gen: the long-generation probe's length and size (used only by suites that have it:
+            `toy_long`); it decodes with `gen` but `long_gen.max_new_tokens`.
         gen: decoding settings, used by every benchmark of the suite (lm-eval tasks keep their
             own stop sequences; `gen.max_new_tokens` replaces their max_gen_toks). Left out (or
             None), it is filled with the suite's `default_gen` when the spec is built, so
@@ -295,6 +322,7 @@ class EvalSpec(BaseModel):
     items: ItemSlice | None = None
     gen: GenParams  # filled from the suite's default_gen when left out (see _fill_suite_defaults)
     toy_seed: int = 0
+    long_gen: LongGeneration = LongGeneration()
     loop: LoopThresholds = LoopThresholds()
     safety: SafetyData = SafetyData()
     chat_template: bool = True
@@ -356,6 +384,7 @@ class RepetitionStats(BaseModel):
     Attributes:
         repetition_rate: share of generations flagged `looping`.
         mean_seq_rep_4: mean of per-generation seq_rep_4 (1 - unique 4-grams / 4-grams).
+        mean_rep_w: mean of per-generation rep-w (`evals.repetition.rep_w`, w = 16).
         truncation_rate: share of generations that hit max_new_tokens without stopping.
         n: generations counted.
     """
@@ -364,6 +393,7 @@ class RepetitionStats(BaseModel):
     mean_seq_rep_4: float
     truncation_rate: float
     n: int
+    mean_rep_w: float = 0.0  # mean of per-generation rep-w (0.0 in reports written before it existed)
 
 
 class SafetyScores(BaseModel):
@@ -398,7 +428,7 @@ class Sample(BaseModel):
         n_tokens: generated tokens (len(token_ids)).
         finish_reason: "stop" or "length"; None for an item scored without generating
             (log-likelihood tasks such as MMLU): such items count in no repetition figure.
-        seq_rep_4, looping, loop_period, truncated: repetition figures (`evals.repetition`).
+        seq_rep_4, rep_w, looping, loop_period, truncated: repetition figures (`evals.repetition`).
         target: the expected answer ("refusal" or "answer" for safety prompts).
         correct: exact match / accuracy (reasoning, the first filter) or the right refusal decision.
         refused: safety samples only.
@@ -421,6 +451,7 @@ class Sample(BaseModel):
     looping: bool
     loop_period: int | None
     truncated: bool
+    rep_w: float = 0.0  # 0.0 in samples written before it was recorded
     target: str | None = None
     correct: bool | None = None
     refused: bool | None = None

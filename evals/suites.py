@@ -18,21 +18,27 @@ from pathlib import Path
 from evals import toytasks
 from evals.backends import load_backend
 from evals.backends.base import Backend, check_model_dir
-from evals.catalog import Suite, get_suite
+from evals.catalog import TOY_LONG, Suite, get_suite
 from evals.errors import EvalError
 from evals.reasoning import LmEvalRun, prepare_toy_tasks, quiet_lm_eval, run_lm_eval
 from evals.repetition import repetition_stats, score_sample
 from evals.safety import MatcherJudge, ModelJudge, RefusalJudge, SafetyPrompt, load_prompts, safety_scores
 from evals.spec import (
     CORRECT,
+    LOOPING,
     OVER_REFUSAL_RATE,
     REFUSAL_RATE,
     REFUSED,
+    REP_W,
+    SEQ_REP_4,
+    TRUNCATED,
+    BenchmarkScore,
     EvalReport,
     EvalSpec,
     ItemSlice,
     SafetyScores,
     Sample,
+    item_id,
     item_positions,
 )
 
@@ -67,11 +73,16 @@ def evaluate(model: str | Path, spec: EvalSpec, *, progress: bool = True) -> Eva
     gen = spec.gen
     # Read every input before loading a model, so bad input fails fast.
     prompts = _safety_prompts(suite, spec)
+    open_ended = long_generation_prompts(spec) if suite.long_generation else []
     backend = _load(spec, model_dir)
     eos_ids, device, engine = backend.eos_token_ids, backend.device, backend.engine_settings
     try:
         generations = backend.generate([p.prompt for p in prompts], gen, progress=progress) if prompts else []
         rendered = [backend.render(p.prompt) for p in prompts]  # as lm-eval samples: what the model saw
+        long_gen = gen.model_copy(update={"max_new_tokens": spec.long_gen.max_new_tokens})
+        long_texts = [p for _, p in open_ended]
+        long_out = backend.generate(long_texts, long_gen, progress=progress) if open_ended else []
+        long_rendered = [backend.render(p) for _, p in open_ended]
         run = _run_lm_eval(backend, suite, spec) if suite.lm_eval_tasks else None
     finally:
         backend.close()  # before a judge model is loaded: one model in memory at a time
@@ -82,6 +93,9 @@ def evaluate(model: str | Path, spec: EvalSpec, *, progress: bool = True) -> Eva
     scores = []
     if run is not None:
         scores, samples = run.scores, samples + run.samples
+    if open_ended:
+        long_samples = _score_long(open_ended, long_rendered, long_out, spec)
+        scores, samples = scores + long_scores(long_samples, spec.long_gen.prompts), samples + long_samples
     benchmarks = sorted({s.benchmark for s in samples})
     return EvalReport(
         model=str(model_dir),
@@ -161,6 +175,60 @@ def toy_safety_prompts(
     harmful = [p for p in prompts if p.harmful]
     benign = [p for p in prompts if not p.harmful]
     return _select(harmful, limit, items) + _select(benign, limit, items)
+
+
+def long_generation_prompts(spec: EvalSpec) -> list[tuple[int, str]]:
+    """The open-ended prompts of the long-generation probe, with their positions (limit and slice applied).
+
+    Args:
+        spec: `spec.long_gen.prompts` prompts from `spec.toy_seed`, then `spec.limit` and `spec.items`.
+
+    Returns:
+        ``(position, prompt)`` pairs.
+    """
+    rows = toytasks.long_prompts(spec.toy_seed, spec.long_gen.prompts)
+    return [(i, rows[i]) for i in item_positions(len(rows), spec.limit, spec.items)]
+
+
+def _score_long(
+    prompts: Sequence[tuple[int, str]], rendered: Sequence[str], generations: Sequence, spec: EvalSpec
+) -> list[Sample]:
+    """One sample per open-ended prompt; its scores are its repetition figures as numbers."""
+    samples = []
+    for (index, prompt), text, generation in zip(prompts, rendered, generations, strict=True):
+        sample = score_sample(
+            TOY_LONG, text, generation.text, generation.token_ids, generation.finish_reason, spec.loop,
+            item_id=item_id(index, {"prompt": prompt}),
+        )
+        sample.scores = {
+            LOOPING: float(sample.looping),
+            SEQ_REP_4: sample.seq_rep_4,
+            REP_W: sample.rep_w,
+            TRUNCATED: float(sample.truncated),
+        }
+        samples.append(sample)
+    return samples
+
+
+def long_scores(samples: Sequence[Sample], n_total: int) -> list[BenchmarkScore]:
+    """The long-generation benchmark's scores: the mean of each per-item figure (lower is better).
+
+    Args:
+        samples: the `toy_long` samples.
+        n_total: how many open-ended prompts the benchmark has (before limit and slice).
+
+    Returns:
+        One score per metric of `evals.spec.LONG_GENERATION_METRICS`, stderr = sample sd / sqrt(n).
+    """
+    out = []
+    n = len(samples)
+    for metric in (LOOPING, SEQ_REP_4, REP_W, TRUNCATED):
+        values = [s.scores[metric] for s in samples]
+        mean = sum(values) / n
+        stderr = (sum((v - mean) ** 2 for v in values) / (n - 1) / n) ** 0.5 if n > 1 else None
+        out.append(BenchmarkScore(benchmark=TOY_LONG, metric=metric, value=mean, stderr=stderr, n=n,
+                                  n_total=n_total, higher_is_better=False, version="1"))
+    return out
 
 
 def make_judge(spec: EvalSpec) -> RefusalJudge:

@@ -79,6 +79,18 @@ _ADJS = ("red", "big", "small", "old", "new", "blue", "green", "happy")
 _VERBS = ("sees", "likes", "finds", "has", "moves", "takes", "wants")
 
 
+# Open-ended prompts of the long-generation probe (`long_prompts`): the toy's chat format, words of
+# its text grammar, and no single right answer, so a model has to decide when to stop.
+OPEN_FORMS = (
+    "tell me about the {adj} {noun}",
+    "write a story about a {adj} {noun}",
+    "describe the {noun} and the {noun2}",
+    "the {adj} {noun} {verb} a",
+    "say more about a {noun} that {verb} a {noun2}",
+    "talk about {adj} {noun}s",
+)
+
+
 @dataclass(frozen=True)
 class Example:
     """One toy example.
@@ -263,6 +275,39 @@ def test_set(task: str, seed: int = 0, n: int | None = None) -> list[Example]:
         if count < n:
             raise EvalError(f"toy task {task!r} has fewer than {n} distinct held-out prompts")
     return examples
+
+
+def long_prompts(seed: int = 0, n: int = 40) -> list[str]:
+    """Open-ended prompts for the long-generation probe: distinct, deterministic for ``(seed, n)``.
+
+    They use the toy text grammar's words in :data:`OPEN_FORMS` and go through the same chat format
+    as every task (:func:`render_prompt`); no zoo model was trained on them.
+
+    Args:
+        seed: the data seed.
+        n: how many prompts (at most the distinct prompts the forms allow, well over 1,000).
+
+    Returns:
+        The user messages.
+
+    Example:
+        >>> len(long_prompts(0, 5)), len(set(long_prompts(0, 5)))
+        (5, 5)
+    """
+    rng = _rng(seed, "open", "test")
+    prompts: list[str] = []
+    seen: set[str] = set()
+    for _ in range(1000 * n + 1000):  # bounded: the prompt space is finite
+        if len(prompts) == n:
+            return prompts
+        noun, noun2 = rng.sample(_NOUNS, 2)
+        prompt = rng.choice(OPEN_FORMS).format(
+            adj=rng.choice(_ADJS), noun=noun, noun2=noun2, verb=rng.choice(_VERBS)
+        )
+        if prompt not in seen:
+            seen.add(prompt)
+            prompts.append(prompt)
+    raise EvalError(f"fewer than {n} distinct open-ended toy prompts")
 
 
 def example_record(example: Example) -> dict:

@@ -169,7 +169,7 @@ def plan_candidate(ctx: RunContext, candidate: Candidate) -> CandidatePlan:
         method=candidate.method,
         params=candidate.params,
         tokenizer_source=_tokenizer_source(config, ctx.sources),
-        **config.merge.engine_settings(),
+        **{**config.merge.engine_settings(), **({} if candidate.seed is None else {"seed": candidate.seed})},
     )
     out = config.models_dir / cid
     record = results_db.ModelRecord(
@@ -181,9 +181,8 @@ def plan_candidate(ctx: RunContext, candidate: Candidate) -> CandidatePlan:
         sources=list(ctx.sources.values()),
         path=str(out),
     )
-    return CandidatePlan(
-        candidate, cid, spec, out, steps.merge_key(cid), steps.eval_key(cid, config.eval), record
-    )
+    merge_key = steps.merge_key(cid, config.merge.report_settings())
+    return CandidatePlan(candidate, cid, spec, out, merge_key, steps.eval_key(cid, config.eval), record)
 
 
 def _tokenizer_source(config: PipelineConfig, sources: dict[str, results_db.Source]) -> str | None:

@@ -107,6 +107,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rollback.add_argument("--reason", required=True, help="why: stored with the rollback event")
     rollback.set_defaults(func=_rollback)
 
+    report = subparsers.add_parser(
+        "report",
+        help="test the SCF-RKL paper's claims on stored results: REPORT.md + figures",
+        description="Read the DuckDB results and merge reports of one or more pipeline configs (e.g. "
+        "configs/paper-toy/) and write a Markdown report with the paper's tables, figures and a verdict "
+        "on each of its eight claims. Configs without results yet are listed as not run.",
+    )
+    report.add_argument("--config", type=Path, action="append", required=True,
+                        help="pipeline YAML or a directory of them (repeatable), e.g. configs/paper-toy")
+    report.add_argument("--out", type=Path, default=Path(REPORT_DIR),
+                        help=f"directory for REPORT.md and the PNGs (default {REPORT_DIR})")
+    report.set_defaults(func=_report)
+
 
 def _nightly(args: argparse.Namespace) -> int:
     from tasks.config import request_config
@@ -171,6 +184,22 @@ def _run_flow(config, config_path: Path, run) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(report(summary, config_path))
+    return 0
+
+
+REPORT_DIR = "docs/paper-toy"
+
+
+def _report(args: argparse.Namespace) -> int:
+    from tasks.report import build_report
+
+    command = "scf report " + " ".join(f"--config {path}" for path in args.config)
+    if args.out != Path(REPORT_DIR):
+        command += f" --out {args.out}"
+    path, claims = build_report(args.config, args.out, command)
+    for verdict in claims:
+        print(f"claim {verdict.claim}: {verdict.verdict:<12} {verdict.title}")
+    print(f"wrote {path}")
     return 0
 
 

@@ -93,12 +93,22 @@ class CandidateGrid(BaseModel):
         method: a merge method name (``scf.methods.registry.METHODS``).
         params: parameters shared by every candidate of this entry.
         grid: parameter -> list of values; one candidate per combination.
+        seeds: merge seeds (random methods: DARE, DELLA): one candidate per grid point and seed,
+            each merged with its own seed instead of ``merge.seed``; empty = ``merge.seed`` only.
     """
 
     model_config = ConfigDict(extra="forbid")
     method: str
     params: dict[str, Any] = {}
     grid: dict[str, list[Any]] = {}
+    seeds: list[int] = []
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds) or any(seed < 0 for seed in seeds):
+            raise ValueError(f"must be distinct non-negative integers, got {seeds}")
+        return seeds
 
     @field_validator("grid")
     @classmethod
@@ -119,15 +129,28 @@ class MergeSettings(EngineSettings):
         tokenizer_source: when the parents' vocabularies differ: ``base``, ``union``, or a source
             role (``secondary_0``, ``reference``) or a source as written under ``sources:``, whose
             tokenizer the merged model gets (``scf merge --tokenizer-source``; docs/merging.md).
+        diagnostics: write the paper's section-3 diagnostics to each merge report (spectral shift
+            and largest principal angle of ``diagnostic_layers``, per-layer sparsity); one SVD per
+            diagnosed matrix, so off by default.
+        diagnostic_layers: glob patterns of the 2-D tensors to diagnose (``scf merge
+            --diagnostic-layers``); empty = the attention and MLP weights of a few evenly spaced layers.
     """
 
     timeout_s: float = Field(6 * 3600, gt=0)
     tokenizer_source: str | None = Field(None, min_length=1)
+    diagnostics: bool = False
+    diagnostic_layers: list[str] = []
 
     def engine_settings(self) -> dict[str, Any]:
         """The fields a ``MergeSpec`` takes from here (not the pipeline's timeout, nor the tokenizer
         source, which names a role the flow resolves to a path)."""
         return self.model_dump(exclude={"timeout_s", "tokenizer_source"})
+
+    def report_settings(self) -> dict[str, Any] | None:
+        """What changes a merge's report but not its weights (part of the merge's cache key), or None."""
+        if not self.diagnostics:
+            return None
+        return {"diagnostics": True, "diagnostic_layers": self.diagnostic_layers}
 
 
 class RacingSettings(BaseModel):
@@ -232,12 +255,15 @@ class Candidate(BaseModel):
     method: str
     params: dict[str, Any]  # resolved: defaults filled by the method's params model
     swept: dict[str, Any] = {}  # the params that distinguish it from other candidates of its method
+    seed: int | None = None  # its own merge seed (``seeds:``); None = ``merge.seed``
 
     @property
     def label(self) -> str:
-        """A readable name for logs and the UI, e.g. ``scf_rkl-alpha=1.5``."""
-        swept = ",".join(f"{key}={_short(value)}" for key, value in sorted(self.swept.items()))
-        return f"{self.method}-{swept}" if swept else self.method
+        """A readable name for logs and the UI, e.g. ``scf_rkl-alpha=1.5`` or ``dare_ties-seed=2``."""
+        parts = [f"{key}={_short(value)}" for key, value in sorted(self.swept.items())]
+        if self.seed is not None:
+            parts.append(f"seed={self.seed}")
+        return f"{self.method}-{','.join(parts)}" if parts else self.method
 
 
 class PipelineConfig(BaseModel):
@@ -314,8 +340,9 @@ class PipelineConfig(BaseModel):
         for entry in self.candidates:
             for params in _grid_points(entry):
                 resolved = validate_params(entry.method, params, n_models).model_dump(mode="json")
-                candidate = Candidate(method=entry.method, params=resolved)
-                out.setdefault(canonical_json([candidate.method, candidate.params]), candidate)
+                for seed in entry.seeds or [None]:
+                    candidate = Candidate(method=entry.method, params=resolved, seed=seed)
+                    out.setdefault(canonical_json([candidate.method, candidate.params, seed]), candidate)
         candidates = list(out.values())
         for candidate in candidates:
             siblings = [other.params for other in candidates if other.method == candidate.method]
@@ -391,7 +418,7 @@ def candidate_id(fingerprints: dict[str, str], candidate: Candidate, merge: Merg
         "method": candidate.method,
         "params": candidate.params,
         "dtype": merge.dtype,
-        "seed": merge.seed,
+        "seed": merge.seed if candidate.seed is None else candidate.seed,
     }
     if merge.tokenizer_source is not None:  # absent otherwise: existing ids stay the same
         key["tokenizer_source"] = merge.tokenizer_source

@@ -789,6 +789,60 @@ def label_of(db_path: Path, config_name: str, model_id: str) -> str:
     return row[0] if row else model_id
 
 
+def report_models(db_path: Path, config_name: str) -> list[dict]:
+    """Every model of a config as the report reads it: id, kind, label, method, params, status, failure.
+
+    Args:
+        db_path: the DuckDB file.
+        config_name: the pipeline config's name.
+
+    Returns:
+        One dict per ``candidates`` row, parents first, then by label.
+    """
+    query = (
+        "SELECT id, kind, label, method, params_json, status, failure FROM candidates"
+        " WHERE config_name = ? ORDER BY kind DESC, label"
+    )
+    rows = with_retry(db_path, lambda con: con.execute(query, [config_name]).fetchall(), read_only=True)
+    keys = ("id", "kind", "label", "method", "params", "status", "failure")
+    return [dict(zip(keys, (*row[:4], json.loads(row[4]), *row[5:]), strict=True)) for row in rows]
+
+
+def item_scores(db_path: Path, config_name: str) -> list[tuple[str, str, str, str, float]]:
+    """Every per-item score of a config: ``(model_id, benchmark, metric, item_id, score)``, sorted.
+
+    Args:
+        db_path: the DuckDB file.
+        config_name: the pipeline config's name.
+
+    Returns:
+        The ``samples`` rows, ordered by model, benchmark, metric and item.
+    """
+    query = (
+        "SELECT model_id, benchmark, metric, item_id, score FROM samples WHERE config_name = ?"
+        " ORDER BY model_id, benchmark, metric, item_id"
+    )
+    return with_retry(db_path, lambda con: con.execute(query, [config_name]).fetchall(), read_only=True)
+
+
+def compute_seconds(db_path: Path, config_name: str) -> tuple[float, float]:
+    """Seconds a config's models spent merging and evaluating (sums over ``generation_stats``).
+
+    Args:
+        db_path: the DuckDB file.
+        config_name: the pipeline config's name.
+
+    Returns:
+        ``(merge seconds, evaluation seconds)``; 0.0 where nothing is recorded.
+    """
+    query = (
+        "SELECT coalesce(sum(merge_seconds), 0), coalesce(sum(eval_seconds), 0) FROM generation_stats"
+        " WHERE config_name = ?"
+    )
+    row = with_retry(db_path, lambda con: con.execute(query, [config_name]).fetchone(), read_only=True)
+    return float(row[0]), float(row[1])
+
+
 def config_names(db_path: Path) -> list[str]:
     """The config names present in a results database."""
     rows = with_retry(

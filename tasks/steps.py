@@ -87,9 +87,13 @@ def _version(name: str) -> str:
         return "absent"
 
 
-def merge_key(candidate_id: str) -> str:
-    """Cache key of a merge: the candidate id already hashes sources, method, params and settings."""
-    return content_hash({"step": "merge", "candidate": candidate_id, "versions": versions()})
+def merge_key(candidate_id: str, report_settings: dict[str, Any] | None = None) -> str:
+    """Cache key of a merge: the candidate id already hashes sources, method, params and settings;
+    ``report_settings`` (``MergeSettings.report_settings()``: diagnostics on) change only its report."""
+    key = {"step": "merge", "candidate": candidate_id, "versions": versions()}
+    if report_settings is not None:
+        key["report"] = report_settings
+    return content_hash(key)
 
 
 def eval_key(model_identity: str, spec: EvalSpec) -> str:

@@ -192,3 +192,34 @@ def test_tokenizer_source_names_a_source_and_changes_the_candidate_id(tmp_path: 
     candidate, fingerprints = Candidate(method="linear", params={"weight": 0.5}), {"base": "a" * 64}
     assert candidate_id(fingerprints, candidate, MergeSettings()) != candidate_id(
         fingerprints, candidate, MergeSettings(tokenizer_source="base"))
+
+
+def test_seeds_give_one_candidate_per_seed_with_its_own_id(tmp_path: Path) -> None:
+    entries = [{"method": "dare_ties", "params": {"density": 0.5}, "seeds": [0, 2]}, {"method": "ties"}]
+    sources = {**GOOD["sources"], "reference": "zoo:base"}
+    config = load_config(_write(tmp_path, candidates=entries, sources=sources))
+    candidates = config.expand()
+    assert [c.label for c in candidates] == ["dare_ties-seed=0", "dare_ties-seed=2", "ties"]
+    assert [c.seed for c in candidates] == [0, 2, None]
+    fingerprints = {"base": "a" * 64, "secondary_0": "b" * 64}
+    ids = [candidate_id(fingerprints, c, config.merge) for c in candidates[:2]]
+    assert ids[0] != ids[1]
+    # seed 0 given per candidate is merge.seed 0: the same merge, the same id
+    unseeded = Candidate(method="dare_ties", params=candidates[0].params)
+    assert ids[0] == candidate_id(fingerprints, unseeded, MergeSettings(seed=0))
+    twice = [{"method": "linear", "seeds": [1, 1]}]
+    assert "candidates.0.seeds: must be distinct" in _error(tmp_path, candidates=twice)
+
+
+def test_diagnostics_change_the_merge_cache_key_not_the_candidate_id() -> None:
+    from tasks.steps import merge_key
+
+    on = MergeSettings(diagnostics=True)
+    assert MergeSettings().report_settings() is None
+    assert on.report_settings() == {"diagnostics": True, "diagnostic_layers": []}
+    assert merge_key("abc", None) == merge_key("abc")
+    assert merge_key("abc", on.report_settings()) != merge_key("abc")
+    candidate = Candidate(method="linear", params={"weight": 0.5})
+    fingerprints = {"base": "a" * 64, "secondary_0": "b" * 64}
+    assert candidate_id(fingerprints, candidate, on) == candidate_id(fingerprints, candidate, MergeSettings())
+    assert on.engine_settings()["diagnostics"] is True  # handed to the MergeSpec

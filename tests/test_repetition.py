@@ -144,3 +144,40 @@ def test_linear_time_on_long_samples():
     elapsed = time.perf_counter() - start
     assert sum(looping for _, looping in flags) == 1000
     assert elapsed < 15.0, f"{elapsed:.1f} s for 2,000 x 2,048 tokens"
+
+
+def test_rep_w_hand_computed():
+    from evals.repetition import rep_w
+
+    assert rep_w([]) == 0.0
+    assert rep_w([5]) == 0.0  # the first token has no predecessor
+    assert rep_w([1, 2, 1, 3]) == 0.25  # only the second 1 is among its previous 16 tokens
+    assert rep_w([7] * 8) == 7 / 8
+    # w = 2: token t counts when it equals ids[t-1] or ids[t-2].
+    #   ids   1 2 3 1 2 1 1
+    #   hit   0 0 0 0 0 1 1   (the 1 at t=3 is 3 back: outside the window of 2)
+    assert rep_w([1, 2, 3, 1, 2, 1, 1], w=2) == 2 / 7
+    #   w = 3, same ids: the 1 at t=3 (3 back) and the 2 at t=4 (3 back) now count too
+    assert rep_w([1, 2, 3, 1, 2, 1, 1], w=3) == 4 / 7
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        rep_w([1], w=0)
+
+
+def test_rep_w_matches_the_definition_on_random_ids():
+    from evals.repetition import rep_w
+
+    rng = random.Random(3)
+    for _ in range(50):
+        ids = [rng.randrange(6) for _ in range(rng.randrange(0, 80))]
+        w = rng.randrange(1, 20)
+        expected = sum(ids[t] in ids[max(0, t - w):t] for t in range(len(ids))) / len(ids) if ids else 0.0
+        assert rep_w(ids, w) == pytest.approx(expected, abs=0)
+
+
+def test_score_sample_and_stats_carry_rep_w():
+    samples = [
+        score_sample("b", "p", "", [1, 2, 1, 3], "stop", item_id="0-a"),
+        score_sample("b", "p", "", [7] * 8, "length", item_id="1-b"),
+    ]
+    assert [s.rep_w for s in samples] == [0.25, 7 / 8]
+    assert repetition_stats(samples).mean_rep_w == pytest.approx((0.25 + 7 / 8) / 2)
