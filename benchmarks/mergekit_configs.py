@@ -50,9 +50,29 @@ from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 
+if len(sys.argv) > 3:  # aligned: reseed torch's global RNG per tensor with our seed (see ALIGNED)
+    import torch
+    from mergekit.merge_methods.generalized_task_arithmetic import GeneralizedTaskArithmeticMerge
+    from scf.merge import tensor_seed
+
+    unseeded = GeneralizedTaskArithmeticMerge.merge_group
+
+    def seeded(self, group, /, **parameters):
+        torch.manual_seed(tensor_seed(int(sys.argv[3]), group.metadata.name))
+        return unseeded(self, group, **parameters)
+
+    GeneralizedTaskArithmeticMerge.merge_group = seeded
 config = MergeConfiguration.model_validate(yaml.safe_load(Path(sys.argv[1]).read_text()))
 run_merge(config, sys.argv[2], options=MergeOptions(copy_tokenizer=False, lazy_unpickle=False, quiet=True))
 """
+
+
+# Random methods are compared once more with mergekit's global RNG reseeded before each tensor with
+# our per-tensor seed (scf.merge.tensor_seed, seed 0 as `scf merge` uses): the same draws on both
+# sides, so what still differs is the arithmetic. mergekit's formulas are untouched. DARE is not
+# aligned this way: its drop draws with bernoulli_(density) (another sampler than mergekit's bernoulli
+# of a filled tensor) and its rescale divides by density (mergekit restores the L1 norm).
+ALIGNED = ("della", "della_linear")
 
 
 def install_mergekit(target: Path) -> None:
@@ -94,26 +114,29 @@ def load(directory: Path) -> dict:
     return tensors
 
 
-def compare(name: str, config: Path, root: Path, mergekit_dir: Path) -> dict:
-    """Run both on one config; the row of the table."""
+def compare(name: str, config: Path, root: Path, mergekit_dir: Path, aligned: bool = False) -> dict:
+    """Run both on one config; the row of the table (``aligned``: mergekit reseeded per tensor)."""
     from flows.cli import main
 
-    theirs, ours = root / "mergekit" / name, root / "scf" / name
-    env = {**os.environ, "PYTHONPATH": str(mergekit_dir), "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run([sys.executable, "-c", RUNNER, str(config), str(theirs)], env=env,
-                         capture_output=True, text=True)
+    label = f"{name} (same draws)" if aligned else name
+    theirs, ours = root / "mergekit" / label, root / "scf" / name
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(mergekit_dir), str(REPO)]), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-c", RUNNER, str(config), str(theirs)] + (["0"] if aligned else [])
+    run = subprocess.run(command, env=env, capture_output=True, text=True)
     if run.returncode != 0:
-        return {"config": name, "error": "mergekit: " + (run.stderr.strip().splitlines() or ["?"])[-1]}
-    if main(["merge", "--config", str(config), "--out", str(ours), "--quiet"]) != 0:
-        return {"config": name, "error": "scf merge failed"}
+        return {"config": label, "error": "mergekit: " + (run.stderr.strip().splitlines() or ["?"])[-1]}
+    if not ours.is_dir() and main(["merge", "--config", str(config), "--out", str(ours), "--quiet"]) != 0:
+        return {"config": label, "error": "scf merge failed"}
     a, b = load(ours), load(theirs)
     shared = [k for k in a if k in b]
     differences = [(a[k].float() - b[k].float()).abs().max().item() for k in shared]
     layers = [json.loads((d / "config.json").read_text()).get("num_hidden_layers") for d in (ours, theirs)]
-    return {"config": name, "tensors": len(a), "same_names": set(a) == set(b),
+    note = ("mergekit reseeded per tensor with our seeds: float32 rounding only" if aligned
+            else EXPECTED_DIFFERENCE.get(name, ""))
+    return {"config": label, "tensors": len(a), "same_names": set(a) == set(b),
             "bit_equal": sum(bool((a[k] == b[k]).all()) and a[k].dtype == b[k].dtype for k in shared),
             "max_abs_diff": max(differences, default=0.0), "layers": layers,
-            "note": EXPECTED_DIFFERENCE.get(name, "")}
+            "note": note}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,8 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     root = args.keep or Path(tempfile.mkdtemp(prefix="scf-mergekit-configs-"))
     root.mkdir(parents=True, exist_ok=True)
     build_models(root)
-    rows = [compare(path.stem, absolute_config(path, root), root, args.mergekit_dir)
-            for path in sorted(CONFIGS.glob("*.yml"))]
+    rows = []
+    for path in sorted(CONFIGS.glob("*.yml")):
+        config = absolute_config(path, root)
+        rows.append(compare(path.stem, config, root, args.mergekit_dir))
+        if path.stem in ALIGNED:
+            rows.append(compare(path.stem, config, root, args.mergekit_dir, aligned=True))
     print(f"- mergekit {MERGEKIT_VERSION} and `scf merge --config` on each tests/data/mergekit/*.yml, "
           f"4-layer float32 checkpoints (hidden 16)\n")
     print("| config | tensors | bit-identical | max abs diff | layers (ours/mergekit) | why they differ |")
