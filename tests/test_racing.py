@@ -18,7 +18,7 @@ from tasks.config import load_config
 pytestmark = pytest.mark.slow
 # Candidates whose verdicts hold on any build of the zoo (its training is deterministic on one
 # machine, but CPUs with other float kernels train slightly different models): a merge of almost
-# only the math parent keeps math; one of almost only the strings parent has lost it.
+# only the math parent keeps math; the strings parent alone (weight 0 on math) has lost it.
 CANDIDATES = [
     {"method": "linear", "params": {"weight": [0.9, 0.1]}},  # the winner
     {"method": "linear", "params": {"weight": [0.0, 1.0]}},  # hopeless (strings alone): fails at 50%
